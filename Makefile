@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:  `make book`  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# `make test SLOW=1` also runs tests marked slow.
+PYTEST_MARKS := $(if $(SLOW),,-m "not slow")
+
+.PHONY: install book test ipynb clean help
+
+help:
+	@echo "make book   install, execute every notebook, render HTML into _build/html"
+	@echo "make test   install, run every test (unit tests, notebooks, strict book build)"
+	@echo "make ipynb  export notebooks/*.md to .ipynb (for Jupyter or Colab)"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
+	set -o pipefail; $(PY) -m pip install --quiet -r requirements.txt 2>&1 | grep -v "is ignored"
+	set -o pipefail; $(PY) -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+book: install
+	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
+	@echo "Book written to: $(CURDIR)/_build/html/index.html"
+
+test: install
+	$(PY) -m pytest $(PYTEST_MARKS)
+
+ipynb: install
+	$(VENV)/bin/jupytext --to ipynb notebooks/*.md
+
+clean:
+	rm -rf _build .pytest_cache notebooks/*.ipynb

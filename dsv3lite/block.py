@@ -1,0 +1,37 @@
+"""One pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(x)).
+
+The FFN is a dense SwiGLU MLP in the first ``n_dense_layers`` blocks and DeepSeekMoE
+afterwards (fact sheet §1.3 "Block structure", §3.1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ModelArgs
+from .mla import MLA, AttnImpl, LatentKVCache
+from .moe import MLP, MoE
+from .norm import RMSNorm
+
+__all__ = ["Block"]
+
+
+class Block(nn.Module):
+    """Transformer block ``layer_id`` (MTP blocks are numbered after the main ones)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = MLA(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[LatentKVCache] = None, cache_layer: int = 0,
+                start_pos: int = 0, attn_impl: AttnImpl = "absorbed") -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, cache_layer, start_pos, attn_impl)
+        return x + self.ffn(self.ffn_norm(x))

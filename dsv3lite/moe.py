@@ -1,0 +1,186 @@
+"""DeepSeekMoE with auxiliary-loss-free load balancing, [V3] §2.1.2 Eqs. 12-20.
+
+Each MoE layer has ``n_shared_experts`` experts every token uses and
+``n_routed_experts`` fine-grained experts of which each token uses
+``n_activated_experts`` (fact sheet §3.1). The router, exactly as implemented in the
+official code (fact sheet §3.2):
+
+1. affinity s = sigmoid(u·e_i) (Eq. 15), kept unbiased;
+2. selection scores s + b, with b the balancing bias (used ONLY to choose);
+3. group-limited routing: a group's score is the sum of its top-2 selection scores,
+   keep the ``n_limited_groups`` best groups;
+4. top-K experts among the kept groups by selection score (Eq. 16);
+5. gates = the unbiased s of the chosen experts / their sum × ``route_scale`` (Eq. 13).
+
+No token is ever dropped. The bias b is no Parameter: :class:`BiasBalancer` owns it
+and moves it by b_i += γ·sign(mean load − load_i) after each optimizer step ([LF]
+Alg. 1, fact sheet §3.3). A small sequence-wise balance loss (α = 1e-4) complements
+it (Eqs. 17-20, fact sheet §3.4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+
+__all__ = ["MLP", "Gate", "BiasBalancer", "MoE", "max_violation", "sequence_balance_loss"]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward block: w2(silu(w1 x) * w3 x). Used for dense FFNs and experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """MaxVio = max_i(load_i − mean load) / mean load ([LF] Eq. 4). 0 is perfect balance."""
+    counts = counts.float()
+    mean = counts.mean()
+    if mean <= 0:
+        return 0.0
+    return float((counts.max() - mean) / mean)
+
+
+class BiasBalancer(nn.Module):
+    """Owner of the per-expert routing bias b and of its update rule.
+
+    The bias is a buffer (saved in checkpoints, moved by ``.to``), never a Parameter:
+    no gradient reaches it. During training the MoE layer adds each forward pass's
+    expert counts to ``counts``; after the optimizer step :meth:`update` applies
+    b_i += γ·sign(mean(c) − c_i) and starts a fresh count.
+    """
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.register_buffer("bias", torch.zeros(n_experts))
+        self.register_buffer("counts", torch.zeros(n_experts), persistent=False)
+        self.last_counts = torch.zeros(n_experts)
+
+    @torch.no_grad()
+    def record(self, counts: torch.Tensor) -> None:
+        """Add the expert counts of one forward pass (tokens routed to each expert)."""
+        self.counts += counts.to(self.counts)
+
+    @torch.no_grad()
+    def update(self, gamma: float) -> float:
+        """Apply the sign rule with speed ``gamma``; return the step's MaxVio.
+
+        Overloaded experts (count above the mean) lose γ, underloaded ones gain γ.
+        Experts exactly at the mean are left alone.
+        """
+        if gamma < 0:
+            raise ValueError(f"gamma={gamma} is invalid: the bias update speed must be >= 0")
+        counts = self.counts.clone()
+        self.bias += gamma * torch.sign(counts.mean() - counts)
+        self.last_counts = counts.cpu()
+        self.counts.zero_()
+        return max_violation(counts)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int,
+                          alpha: float) -> torch.Tensor:
+    """Complementary sequence-wise balance loss L_Bal = α Σ_i f_i P_i ([V3] Eqs. 17-20).
+
+    Args:
+        scores: (B, T, N_r) unbiased sigmoid affinities s_{i,t}.
+        indices: (B, T, K_r) experts chosen for each token.
+        top_k: K_r.
+        alpha: α.
+
+    Returns:
+        A scalar: the loss of each sequence, averaged over the B sequences. It equals α
+        at perfect balance (f_i = 1, P_i = 1/N_r).
+
+    Eq. 18's indicator is written with the unbiased Top-K; we count the experts the
+    router really chose (bias and groups included), the routing the loss is meant to
+    balance. The report leaves this open (fact sheet §3.4).
+    """
+    B, T, n_experts = scores.shape
+    chosen = torch.zeros_like(scores).scatter_(-1, indices, 1.0)  # (B, T, N_r)
+    f = chosen.sum(dim=1) * n_experts / (top_k * T)  # (B, N_r), no gradient
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, N_r)
+    return alpha * (f.detach() * p).sum(dim=-1).mean()
+
+
+class Gate(nn.Module):
+    """The router: sigmoid affinities, bias-based group-limited top-K selection, gates."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.route_scale = args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.balancer = BiasBalancer(args.n_routed_experts)
+
+    def forward(self, x: torch.Tensor):
+        """Route tokens.
+
+        Args:
+            x: (N, dim) tokens.
+
+        Returns:
+            gates (N, K) in x's dtype, indices (N, K), unbiased scores (N, N_r) in fp32.
+        """
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, N_r)
+        selection = scores + self.balancer.bias  # the bias only chooses
+        if self.n_groups > 1:
+            grouped = selection.unflatten(-1, (self.n_groups, -1))  # (N, G, N_r / G)
+            k = min(2, grouped.shape[-1])
+            group_scores = grouped.topk(k, dim=-1).values.sum(dim=-1)  # (N, G)
+            kept = group_scores.topk(self.topk_groups, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            selection = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = selection.topk(self.top_k, dim=-1).indices  # (N, K)
+        gates = scores.gather(1, indices)  # unbiased scores of the chosen experts
+        gates = gates / gates.sum(dim=-1, keepdim=True) * self.route_scale
+        return gates.to(x.dtype), indices, scores
+
+
+class MoE(nn.Module):
+    """Shared experts plus routed experts; returns the FFN output (Eq. 12 without residual)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_routed_experts = args.n_routed_experts
+        self.top_k = args.n_activated_experts
+        self.alpha = args.balance_loss_alpha
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim)
+                                     for _ in range(args.n_routed_experts))
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+                               if args.n_shared_experts else None)
+        self.balance_loss: torch.Tensor | None = None  # set by each training forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, dim = x.shape
+        flat = x.reshape(-1, dim)  # (N, dim)
+        gates, indices, scores = self.gate(flat)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        if self.training:
+            self.gate.balancer.record(counts)
+            self.balance_loss = sequence_balance_loss(
+                scores.view(B, T, -1), indices.view(B, T, -1), self.top_k, self.alpha)
+        # Dispatch: sort the (token, slot) pairs by expert so each expert runs once on a
+        # contiguous slice; then scatter-add the gated outputs back to their tokens.
+        order = indices.flatten().argsort(stable=True)
+        token_of = order // self.top_k
+        chunks = flat[token_of].split(counts.tolist())
+        routed_out = torch.cat([expert(chunk) if len(chunk) else chunk
+                                for expert, chunk in zip(self.experts, chunks)])
+        weighted = routed_out * gates.flatten()[order].unsqueeze(-1)
+        out = torch.zeros_like(flat).index_add_(0, token_of, weighted)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(B, T, dim)

@@ -1,0 +1,60 @@
+"""Multi-token prediction (MTP), [V3] §2.2 Eqs. 21-25.
+
+V3 adds D sequential modules (D = 1). Module k predicts the token k+1 places ahead while
+keeping the full causal chain: at position i it combines the previous depth's hidden
+state h^{k-1}_i with the embedding of token t_{i+k},
+
+    h'^k_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]          (Eq. 21)
+    h^k    = TRM_k(h'^k)   over the shortened sequence               (Eq. 22)
+    P^k    = OutHead(h^k)                                            (Eq. 23)
+
+The embedding and the output head are the main model's own (the same Parameter
+objects). The loss is L_MTP = λ/D Σ_k CE^k (Eq. 25), added to the main loss. At
+inference the modules can be dropped, or used as a draft for speculative decoding.
+
+We concatenate in the paper's order, h first; the released weights and vLLM put the
+embedding first (fact sheet §4), which only permutes ``eh_proj``'s input columns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .block import Block
+from .config import ModelArgs
+from .norm import RMSNorm
+
+__all__ = ["MTPModule"]
+
+
+class MTPModule(nn.Module):
+    """One MTP depth: two RMSNorms, the 2d→d projection M_k, one block, a final norm.
+
+    ``embed`` and ``head`` are not owned: the model passes its own modules at call time,
+    so the sharing is by identity and no copy can drift apart.
+    """
+
+    def __init__(self, depth: int, args: ModelArgs):
+        super().__init__()
+        self.depth = depth
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)  # M_k
+        self.block = Block(args.n_layers + depth - 1, args)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, next_embeddings: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h^k for the positions of ``h_prev``.
+
+        Args:
+            h_prev: (B, T', dim) hidden states h^{k-1} for positions 0 .. T'-1.
+            next_embeddings: (B, T', dim) Emb(t_{i+k}) for the same positions.
+            cos, sin: RoPE tables for positions 0 .. T'-1.
+
+        Returns:
+            (B, T', dim) h^k (before the final norm, so depth k+1 can chain on it).
+        """
+        merged = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(next_embeddings)], -1))
+        return self.block(merged, cos, sin)
