@@ -1,0 +1,37 @@
+import pytest
+
+from dsv3lite import ModelArgs, Transformer, count_params, kv_cache_elements_per_token
+
+
+def test_deepseek_v3_has_671b_total_and_about_37b_activated():
+    count = count_params(ModelArgs.deepseek_v3())
+    assert count.total / 1e9 == pytest.approx(671.03, abs=0.01)  # fact sheet §3.1
+    assert 36.5e9 < count.activated < 38e9  # "37B activated" ([V3] abstract)
+
+
+def test_kv_cache_is_576_elements_per_token_per_layer_in_v3():
+    args = ModelArgs.deepseek_v3()
+    assert kv_cache_elements_per_token(args, per_layer=True) == 576  # fact sheet §1.6
+    assert kv_cache_elements_per_token(args) == 35_136
+    assert 2 * args.n_heads * args.qk_nope_head_dim == 32_768  # the MHA it replaces
+
+
+@pytest.mark.parametrize("args", [ModelArgs.tiny(), ModelArgs.tiny(q_lora_rank=0, n_mtp_depth=2),
+                                  ModelArgs.small()], ids=["tiny", "no-q-lora-mtp2", "small"])
+def test_count_matches_the_real_model_tensor_by_tensor(args):
+    model = Transformer(args)
+    count = count_params(args)
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    main = sum(p.numel() for p in model.parameters()) - mtp
+    assert count.total == main
+    assert count.mtp[0] == mtp
+    experts = sum(p.numel() for m in model.moe_layers()[: args.n_layers - args.n_dense_layers]
+                  for e in m.experts for p in e.parameters())
+    per_expert = 3 * args.dim * args.moe_inter_dim
+    n_moe = args.n_layers - args.n_dense_layers
+    assert count.total - count.activated == experts - n_moe * args.n_activated_experts * per_expert
+
+
+def test_h100_preset_is_between_100m_and_500m():
+    assert 100e6 <= count_params(ModelArgs.h100()).total <= 500e6
+

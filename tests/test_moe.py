@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from dsv3lite import ModelArgs, MoE, Transformer, max_violation, sequence_balance_loss
+from dsv3lite.moe import Gate
+
+
+def _gate(args, std=0.1):
+    gate = Gate(args)
+    torch.nn.init.normal_(gate.weight, std=std)
+    return gate
+
+
+def test_gates_sum_to_route_scale_and_no_token_is_dropped():
+    args = ModelArgs.small()
+    gates, indices, _ = _gate(args)(torch.randn(500, args.dim))
+    torch.testing.assert_close(gates.sum(-1), torch.full((500,), args.route_scale))
+    assert indices.shape == (500, args.n_activated_experts)
+    assert all(len(set(row.tolist())) == args.n_activated_experts for row in indices)
+
+
+def test_bias_changes_selection_not_gates():
+    args = ModelArgs.small()
+    gate, x = _gate(args), torch.randn(400, ModelArgs.small().dim)
+    gates0, idx0, scores = gate(x)
+    gate.balancer.bias += 0.25  # the same shift for every expert selects the same experts
+    gates1, idx1, _ = gate(x)
+    order0, order1 = idx0.argsort(-1), idx1.argsort(-1)
+    assert torch.equal(idx0.gather(1, order0), idx1.gather(1, order1))
+    torch.testing.assert_close(gates0.gather(1, order0), gates1.gather(1, order1))
+    gate.balancer.bias[3] += 10.0  # expert 3 now wins every token
+    gates2, idx2, scores2 = gate(x)
+    assert torch.equal(scores2, scores)  # affinities never see the bias
+    assert (idx2 == 3).any(-1).all() and not (idx0 == 3).any(-1).all()
+    chosen = scores.gather(1, idx2)
+    expected = chosen / chosen.sum(-1, keepdim=True) * args.route_scale  # unbiased s only
+    torch.testing.assert_close(gates2, expected, rtol=0, atol=0)
+
+
+def test_routing_stays_within_the_kept_groups():
+    args = ModelArgs.small()  # 16 experts, 4 groups of 4, keep 2 groups, 4 experts
+    _, indices, _ = _gate(args)(torch.randn(300, args.dim))
+    groups = indices // (args.n_routed_experts // args.n_expert_groups)
+    assert max(len(set(g.tolist())) for g in groups) <= args.n_limited_groups
+
+
+def test_group_score_is_the_sum_of_its_top_two_not_its_max():
+    # group 0 holds the single best expert; group 1 has the best top-2 sum (fact sheet §9 row 21)
+    args = ModelArgs.tiny(n_routed_experts=8, n_expert_groups=2, n_limited_groups=1,
+                          n_activated_experts=2, dim=8)
+    gate = Gate(args)
+    logits = torch.tensor([3.0, -3.0, -3.0, -3.0, 1.5, 1.5, -3.0, -3.0])
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = logits
+    _, indices, _ = gate(torch.eye(8)[:1])
+    assert sorted(indices[0].tolist()) == [4, 5]
+
+
+def test_dispatch_matches_a_token_by_token_reference():
+    args = ModelArgs.small()
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 24, args.dim)
+    out = moe(x)
+    flat = x.reshape(-1, args.dim)
+    gates, indices, _ = moe.gate(flat)
+    ref = torch.stack([
+        moe.shared_experts(tok) + sum(g * moe.experts[int(e)](tok) for g, e in zip(gs, es))
+        for tok, gs, es in zip(flat, gates, indices)])
+    torch.testing.assert_close(out.reshape(-1, args.dim), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_balancing_bias_is_a_buffer_that_gets_no_gradient():
+    model = Transformer(ModelArgs.tiny()).train()
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.endswith("balancer.bias") for n in names)
+    assert any(n.endswith("balancer.bias") for n in model.state_dict())
+    tokens = torch.randint(0, 256, (2, 16))
+    model(tokens[:, :-1], tokens[:, 1:]).loss.total.backward()
+    assert all(m.gate.balancer.bias.grad is None for m in model.moe_layers())
+
+
+def _skewed_moe():
+    args = ModelArgs.tiny(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1,
+                          n_activated_experts=2)
+    moe = MoE(args).train()
+    direction = torch.randn(args.dim)
+    direction /= direction.norm()
+    with torch.no_grad():
+        torch.nn.init.normal_(moe.gate.weight, std=0.01)
+        moe.gate.weight[:2] += 0.5 * direction  # experts 0 and 1 attract most tokens
+    x = torch.randn(4, 64, args.dim) * 0.3 + direction
+    return moe, x
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 0.0])
+def test_bias_updates_reduce_max_violation_only_when_gamma_is_positive(gamma):
+    moe, x = _skewed_moe()
+    history = []
+    with torch.no_grad():
+        for _ in range(300):
+            moe(x)
+            history.append(moe.gate.balancer.update(gamma))
+    assert history[0] > 1.5  # strongly skewed to start with
+    if gamma > 0:
+        assert max(history[-20:]) < 0.5 * history[0]
+    else:
+        assert history[-1] == history[0]
+
+
+def test_max_violation_definition():
+    assert max_violation(torch.tensor([4.0, 4.0, 4.0, 4.0])) == 0.0
+    assert max_violation(torch.tensor([8.0, 4.0, 2.0, 2.0])) == pytest.approx(1.0)
+
+
+def test_sequence_balance_loss_equals_alpha_at_perfect_balance():
+    n_experts, k, alpha = 8, 2, 1e-4
+    indices = torch.arange(16).view(8, 2) % n_experts  # every expert chosen twice
+    scores = torch.full((1, 8, n_experts), 0.3, requires_grad=True)
+    loss = sequence_balance_loss(scores, indices[None], k, alpha)
+    assert loss.item() == pytest.approx(alpha, rel=1e-6)
+    skewed = torch.tensor([[0, 1]] * 8)[None]  # everything to experts 0 and 1
+    peaked = torch.full((1, 8, n_experts), 0.1).index_fill(-1, torch.tensor([0, 1]), 0.9)
+    assert float(sequence_balance_loss(peaked, skewed, k, alpha)) > 2 * alpha
+    loss.backward()
+    assert scores.grad is not None  # the gradient flows through P_i only
