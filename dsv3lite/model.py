@@ -101,6 +101,10 @@ class Transformer(nn.Module):
         gamma = self.args.bias_update_speed if gamma is None else gamma
         return [moe.gate.balancer.update(gamma) for moe in self.moe_layers()]
 
+    def expert_counts(self) -> torch.Tensor:
+        """(n_moe_layers, n_routed_experts) tokens per expert in the last updated step."""
+        return torch.stack([m.gate.balancer.last_counts for m in self.moe_layers()])
+
     def drop_mtp(self) -> "Transformer":
         """Remove the MTP modules (inference does not need them); returns self."""
         self.mtp = nn.ModuleList()

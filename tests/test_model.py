@@ -96,6 +96,11 @@ def test_a_few_steps_fit_one_batch_and_update_the_balancer():
     assert loss.main.item() < first - 1.0
     assert len(violations) == len(model.moe_layers()) == 2  # main MoE layer + MTP block
     assert all(m.gate.balancer.bias.abs().sum() > 0 for m in model.moe_layers())
+    counts = model.expert_counts()  # the last step's load, per MoE layer and expert
+    assert counts.shape == (2, args.n_routed_experts)
+    # no token dropped: every token of the main layer, and the MTP block's T-1 positions
+    assert counts.sum(-1).tolist() == [4 * 32 * args.n_activated_experts,
+                                       4 * 31 * args.n_activated_experts]
 
 
 def test_wrong_input_shapes_raise_clear_errors():
