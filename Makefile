@@ -14,11 +14,14 @@ help:
 	@echo "make test   install, run every test (unit tests, notebooks, strict book build)"
 	@echo "make ipynb  export notebooks/*.md to .ipynb (for Jupyter or Colab)"
 
+# pip's notices about absent local package mirrors are filtered out; its errors still fail.
+QUIET_PIP := 2>&1 | { grep -v "is ignored" || true; }
+
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
-	set -o pipefail; $(PY) -m pip install --quiet -r requirements.txt 2>&1 | grep -v "is ignored"
-	set -o pipefail; $(PY) -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored"
+	set -o pipefail; $(PY) -m pip install --quiet --upgrade pip $(QUIET_PIP)
+	set -o pipefail; $(PY) -m pip install --quiet -r requirements.txt $(QUIET_PIP)
+	set -o pipefail; $(PY) -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	@touch $(STAMP)
 
 install: $(STAMP)
