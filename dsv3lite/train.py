@@ -1,0 +1,390 @@
+"""Train a DeepSeek-V3-style model on real text: the recipe of [V3] §4.2, scaled down.
+
+- AdamW with β = (0.9, 0.95), weight decay 0.1 (matrices only), gradient clipping 1.0
+  and normal(0, 0.006) init ([V3] §4.2);
+- linear warmup, then cosine decay to a tenth of the peak learning rate;
+- the MTP weight λ on the paper's shape, 0.3 then 0.1 after 10T of 14.8T tokens (68%);
+- the bias update speed γ on the paper's shape, 1e-3 then 0 for the last 500B of 14.8T
+  tokens (the last 3.4%); the balancing-bias update runs after every optimizer step;
+- bf16 autocast on CUDA, fp32 on CPU; optional ``torch.compile`` on CUDA;
+- metrics per log interval appended to ``DIR/metrics.jsonl`` (see :mod:`dsv3lite.plot`);
+- atomic checkpoints (:mod:`dsv3lite.checkpoint`) and exact resumption.
+
+Use :func:`train` from Python or ``python -m dsv3lite.train --preset small --steps N --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .accounting import count_params
+from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_checkpoint
+from .config import ModelArgs
+from .data import DataError, PreparedData, prepare
+from .model import Transformer
+
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "mtp_lambda_at", "gamma_at",
+           "PRESETS", "pick_device", "main"]
+
+
+
+def _tiny_for_training(**overrides) -> ModelArgs:
+    # byte-level BPE needs more than 256 ids (256 bytes + end-of-text), so the tiny preset
+    # trains with a 512-token vocabulary
+    return ModelArgs.tiny(**{"vocab_size": 512, **overrides})
+
+
+PRESETS = {"tiny": _tiny_for_training, "small": ModelArgs.small, "h100": ModelArgs.h100}
+
+# Dense bf16 peak FLOP/s, for MFU (datasheet numbers).
+_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
+              "L40S": 362e12, "4090": 165e12}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint).
+
+    Attributes:
+        preset: Model preset: "tiny", "small" or "h100".
+        steps: Optimizer steps of the whole run (schedules are scaled to it).
+        out: Run folder for metrics.jsonl and checkpoints.
+        corpus: "shakespeare", "stdlib" or a folder of .txt files.
+        batch_size, seq_len: Sequences per step and their length (<= the model's max_seq_len).
+        lr, min_lr_ratio, warmup_steps: Peak learning rate, final/peak ratio, warmup steps.
+        weight_decay, beta1, beta2, grad_clip: AdamW and clipping ([V3] §4.2).
+        mtp_lambda, mtp_lambda_late, mtp_switch: λ, its later value, and the run fraction
+            at which it switches (10/14.8 in V3).
+        gamma, gamma_stop: bias update speed γ and the run fraction after which it is 0.
+        log_interval, eval_interval, eval_batches: Logging and validation cadence.
+        ckpt_interval: Steps between checkpoints (the last step is always saved).
+        stop_after: Stop (and checkpoint) after this many steps of this call, e.g. to
+            split a run in two; resume with ``resume=True``.
+        seed, device, compile, data_dir, model_overrides: The rest.
+    """
+
+    preset: str = "small"
+    steps: int = 1000
+    out: str = "runs/small"
+    corpus: str = "shakespeare"
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_switch: float = 10.0 / 14.8
+    gamma: float = 1e-3
+    gamma_stop: float = 14.3 / 14.8
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    ckpt_interval: int = 500
+    stop_after: Optional[int] = None
+    seed: int = 0
+    device: Optional[str] = None
+    compile: bool = False
+    data_dir: Optional[str] = None
+    model_overrides: dict = field(default_factory=dict)
+
+    def model_args(self) -> ModelArgs:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is invalid: choose one of "
+                             f"{sorted(PRESETS)}")
+        return PRESETS[self.preset](**self.model_overrides)
+
+    def validate(self, args: ModelArgs) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_interval", "eval_interval",
+                     "eval_batches", "ckpt_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        if self.seq_len > args.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} is invalid: the {self.preset} model's "
+                             f"max_seq_len is {args.max_seq_len}")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} is invalid: must be > 0")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): warmup, then cosine decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def mtp_lambda_at(step: int, cfg: TrainConfig) -> float:
+    """λ: ``mtp_lambda`` for the first ``mtp_switch`` of the run, then ``mtp_lambda_late``."""
+    return cfg.mtp_lambda if step < cfg.mtp_switch * cfg.steps else cfg.mtp_lambda_late
+
+
+def gamma_at(step: int, cfg: TrainConfig) -> float:
+    """γ: ``gamma`` until ``gamma_stop`` of the run, then 0 (the biases freeze)."""
+    return cfg.gamma if step < cfg.gamma_stop * cfg.steps else 0.0
+
+
+def pick_device(requested: Optional[str] = None) -> torch.device:
+    """The requested device, else the GPU when there is one, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _BF16_PEAK.items() if k in name), None)
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × activated non-embedding parameters plus attention.
+
+    Attention scores and weighted sums cost (qk_head_dim + v_head_dim)·H·T per token per
+    layer forward with a causal mask (half of 2·(...)·T), times 3 for forward + backward.
+    """
+    count = count_params(args)
+    n = count.activated - count.components["embedding"][1]
+    attn = 3 * args.n_layers * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    return 6 * n + attn
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: the final step, the last validation losses, and the folders."""
+
+    step: int
+    val: dict
+    out: Path
+    data: PreparedData
+    model: Transformer
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "batch_generator": gen.get_state(),
+             "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["batch_generator"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list, device: torch.device, autocast) -> dict:
+    """Mean loss parts over fixed validation batches (eval mode, no balance loss)."""
+    was_training = model.training
+    model.eval()
+    sums = {"main": 0.0, "mtp": 0.0}
+    for x, y in batches:
+        with autocast():
+            loss = model(x.to(device), y.to(device)).loss
+        sums["main"] += loss.main.item()
+        sums["mtp"] += loss.mtp.item()
+    model.train(was_training)
+    return {k: v / len(batches) for k, v in sums.items()}
+
+
+def _optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run (or continue) a training run described by ``cfg``.
+
+    Args:
+        cfg: The run. With ``resume=True`` the model, optimizer, RNG and step come from the
+            latest checkpoint in ``cfg.out``, and the run continues to ``cfg.steps``.
+        resume: Continue from ``cfg.out``'s latest checkpoint.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    args = cfg.model_args()
+    cfg.validate(args)
+    out = Path(cfg.out)
+    device = pick_device(cfg.device)
+    data = prepare(cfg.corpus, args.vocab_size,
+                   Path(cfg.data_dir) if cfg.data_dir else None, verbose=progress)
+    train_stream, val_stream = data.stream("train"), data.stream("val")
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(args).to(device).train()
+    optimizer = _optimizer(model, cfg)
+    batch_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start = 0
+    tokens_seen = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        state = load_training_state(ckpt)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], batch_gen)
+        saved = json.loads((ckpt / "state.json").read_text())
+        start, tokens_seen = saved["step"], saved["tokens"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    val_gen = torch.Generator().manual_seed(1234)  # the same validation windows every time
+    val_batches = [val_stream.batch(cfg.batch_size, cfg.seq_len, val_gen)
+                   for _ in range(cfg.eval_batches)]
+    use_cuda = device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda)
+
+    step_fn = torch.compile(model) if (cfg.compile and use_cuda) else model
+    peak = _peak_flops(device)
+    fpt = flops_per_token(args, cfg.seq_len)
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    metrics_file = out / "metrics.jsonl"
+    if start == 0 and not resume:
+        metrics_file.write_text("")
+        val = evaluate(model, val_batches, device, autocast)
+        _append(metrics_file, {"step": 0, "tokens": 0, "val": val})
+    val: dict = {}
+    window = {"main": 0.0, "mtp": 0.0, "balance": 0.0, "total": 0.0, "n": 0}
+    t_window, tok_window = time.perf_counter(), 0
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress,
+               desc=f"train {cfg.preset}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        lr, lam, gamma = lr_at(step, cfg), mtp_lambda_at(step, cfg), gamma_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = train_stream.batch(cfg.batch_size, cfg.seq_len, batch_gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss = step_fn(x, y, mtp_lambda=lam).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        max_vio = model.update_balance_biases(gamma)  # after the optimizer step
+        tokens_seen += x.numel()
+        tok_window += x.numel()
+        for k in ("main", "mtp", "balance", "total"):
+            window[k] += getattr(loss, k).item()
+        window["n"] += 1
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == end:
+            if use_cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t_window
+            record = {"step": done, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam,
+                      "gamma": gamma,
+                      "train": {k: window[k] / window["n"] for k in
+                                ("main", "mtp", "balance", "total")},
+                      "tokens_per_s": tok_window / seconds, "max_vio": max_vio}
+            if peak:
+                record["mfu"] = tok_window / seconds * fpt / peak
+            if done % cfg.eval_interval == 0 or done == end:
+                val = evaluate(model, val_batches, device, autocast)
+                record["val"] = val
+            _append(metrics_file, record)
+            bar.set_postfix(loss=f"{record['train']['main']:.3f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            window = dict.fromkeys(window, 0.0)
+            window["n"] = 0
+            t_window, tok_window = time.perf_counter(), 0
+        if done % cfg.ckpt_interval == 0 or done == end:
+            save_checkpoint(out, model, done,
+                            state={"tokens": tokens_seen, "config": dataclasses.asdict(cfg)},
+                            training_state={"optimizer": optimizer.state_dict(),
+                                            "rng": _rng_state(batch_gen)},
+                            tokenizer_path=data.tokenizer_path)
+    bar.close()
+    return TrainResult(step=end, val=val, out=out, data=data, model=model)
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m dsv3lite.train``: train a preset on a corpus; see ``--help``."""
+    parser = argparse.ArgumentParser(prog="python -m dsv3lite.train",
+                                     description="Train a dsv3lite model on text.")
+    defaults = TrainConfig()
+    parser.add_argument("--preset", default=defaults.preset, help="tiny, small or h100")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    parser.add_argument("--corpus", default=defaults.corpus,
+                        help="shakespeare, stdlib, or a folder of .txt files")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--log-interval", type=int, default=defaults.log_interval)
+    parser.add_argument("--eval-interval", type=int, default=defaults.eval_interval)
+    parser.add_argument("--ckpt-interval", type=int, default=defaults.ckpt_interval)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many steps (resume later with --resume)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the run in DIR from its latest checkpoint")
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    try:
+        if ns.resume:
+            ckpt = latest_checkpoint(ns.resume)
+            saved = json.loads((ckpt / "state.json").read_text())["config"]
+            saved.update(out=str(ns.resume), steps=ns.steps if ns.steps != defaults.steps
+                         else saved["steps"], stop_after=ns.stop_after)
+            cfg = TrainConfig(**saved)
+        else:
+            cfg = TrainConfig(preset=ns.preset, steps=ns.steps,
+                              out=ns.out or f"runs/{ns.preset}", corpus=ns.corpus,
+                              batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr,
+                              warmup_steps=ns.warmup_steps, log_interval=ns.log_interval,
+                              eval_interval=ns.eval_interval, ckpt_interval=ns.ckpt_interval,
+                              stop_after=ns.stop_after, seed=ns.seed, device=ns.device,
+                              compile=ns.compile)
+        result = train(cfg, resume=bool(ns.resume), progress=not ns.no_progress)
+    except (ValueError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    val = result.val.get("main")
+    print(f"done: step {result.step}, validation loss {val:.4f}" if val is not None
+          else f"done: step {result.step}")
+    print(f"checkpoint: {latest_checkpoint(result.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

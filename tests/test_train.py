@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dsv3lite.train import TrainConfig, gamma_at, lr_at, main, mtp_lambda_at, train
+
+
+def _cfg(corpus, out, **kw):
+    base = dict(preset="tiny", steps=12, out=str(out), corpus=str(corpus), batch_size=4,
+                seq_len=32, lr=3e-3, warmup_steps=3, log_interval=1, eval_interval=100,
+                eval_batches=2, ckpt_interval=100, data_dir=str(out.parent / "data"))
+    return TrainConfig(**{**base, **kw})
+
+
+def _train_losses(run_dir):
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train"] for r in lines if "train" in r}
+
+
+def test_resume_continues_exactly(text_corpus, tmp_path):
+    straight = _cfg(text_corpus, tmp_path / "straight")
+    train(straight, progress=False)
+    split = _cfg(text_corpus, tmp_path / "split", stop_after=6)
+    train(split, progress=False)  # steps 1-6, then a checkpoint
+    split.stop_after = None
+    train(split, resume=True, progress=False)  # steps 7-12 from the checkpoint
+    a, b = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert a == b  # bit-identical losses on CPU
+    assert a[12]["main"] < a[1]["main"]  # and it learned something
+
+
+def test_schedules_follow_the_papers_shape():
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup_steps=100, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-5) and lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(999, cfg) == pytest.approx(1e-4, rel=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(100, 999))
+    assert mtp_lambda_at(0, cfg) == 0.3 and mtp_lambda_at(999, cfg) == 0.1
+    assert mtp_lambda_at(675, cfg) == 0.3 and mtp_lambda_at(676, cfg) == 0.1  # 10T of 14.8T
+    assert gamma_at(966, cfg) == 1e-3 and gamma_at(967, cfg) == 0.0  # last 500B of 14.8T
+
+
+def test_metrics_hold_losses_throughput_and_max_violation(text_corpus, tmp_path):
+    result = train(_cfg(text_corpus, tmp_path / "run", steps=4, eval_interval=2), progress=False)
+    lines = [json.loads(l) for l in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "val" in lines[0]  # validation before training
+    last = lines[-1]
+    assert set(last["train"]) == {"main", "mtp", "balance", "total"}
+    assert last["tokens"] == 4 * 4 * 32 and last["tokens_per_s"] > 0
+    assert len(last["max_vio"]) == len(result.model.moe_layers()) and "val" in last
+    assert (result.out / "latest").read_text() == "step-000004"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "preset='huge' is invalid"),
+    (["--resume", "{tmp}/nothing"], "no checkpoint in"),
+    (["--corpus", "{tmp}/blank"], "holds no non-empty .txt"),
+    (["--preset", "tiny", "--seq-len", "4096"], "seq_len=4096 is invalid"),
+])
+def test_cli_errors_are_one_clear_line(argv, message, tmp_path, capsys):
+    (tmp_path / "blank").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "o"),
+                                                     "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_cli_error_exits_nonzero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dsv3lite.train", "--resume",
+                           str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: no checkpoint")
