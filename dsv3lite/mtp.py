@@ -18,11 +18,14 @@ embedding first (fact sheet §4), which only permutes ``eh_proj``'s input column
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from .block import Block
 from .config import ModelArgs
+from .mla import AttnImpl, LatentKVCache
 from .norm import RMSNorm
 
 __all__ = ["MTPModule"]
@@ -45,16 +48,25 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, h_prev: torch.Tensor, next_embeddings: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, *,
+                cache: Optional[LatentKVCache] = None, start_pos: int = 0,
+                attn_impl: AttnImpl = "absorbed") -> torch.Tensor:
         """h^k for the positions of ``h_prev``.
 
         Args:
-            h_prev: (B, T', dim) hidden states h^{k-1} for positions 0 .. T'-1.
+            h_prev: (B, T', dim) hidden states h^{k-1} for positions
+                ``start_pos .. start_pos + T'-1`` (0 .. T'-1 without a cache).
             next_embeddings: (B, T', dim) Emb(t_{i+k}) for the same positions.
-            cos, sin: RoPE tables for positions 0 .. T'-1.
+            cos, sin: RoPE tables for the same positions.
+            cache: Optional one-layer latent cache of this module's own block, for
+                incremental drafting (:mod:`dsv3lite.generate`); layer 0 is used.
+            start_pos: Position of ``h_prev[:, 0]`` (only with a cache).
+            attn_impl: ``"naive"`` or ``"absorbed"`` decode attention (only with a cache).
 
         Returns:
             (B, T', dim) h^k (before the final norm, so depth k+1 can chain on it).
         """
         merged = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(next_embeddings)], -1))
-        return self.block(merged, cos, sin)
+        if cache is None:
+            return self.block(merged, cos, sin)
+        return self.block(merged, cos, sin, cache, 0, start_pos, attn_impl)
