@@ -48,6 +48,7 @@ import argparse
 import math
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -362,6 +363,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``dsv3lite.generate(...)`` call :func:`generate` although it names the module."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

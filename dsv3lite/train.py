@@ -22,6 +22,7 @@ import math
 import random
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -384,6 +385,16 @@ def main(argv: Optional[list[str]] = None) -> int:
           else f"done: step {result.step}")
     print(f"checkpoint: {latest_checkpoint(result.out)}")
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``dsv3lite.train(...)`` call :func:`train` although it names the module."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -89,3 +89,11 @@ def test_plot_run_draws_the_logged_values(text_corpus, tmp_path):
     records = [r for r in read_metrics(result.out) if "train" in r]
     assert list(train_line.get_ydata()) == [r["train"]["main"] for r in records]
     assert len(vio_ax.get_lines()) == len(result.model.moe_layers())
+
+
+def test_package_level_train_and_generate_are_callable(text_corpus, tmp_path):
+    import dsv3lite
+
+    result = dsv3lite.train(_cfg(text_corpus, tmp_path / "run", steps=2), progress=False)
+    out = dsv3lite.generate(result.model, [1, 2, 3], 5, temperature=0)
+    assert result.step == 2 and len(out.tokens) == 5
