@@ -57,6 +57,7 @@ class ModelArgs:
         mscale: YaRN attention-scale coefficient (√t = 0.1·mscale·ln s + 1).
         norm_eps: RMSNorm epsilon.
         init_std: Standard deviation of the normal initialisation (0.006 in V3).
+        fp8: Run the eligible Linears as block-scaled FP8 GEMMs (§3.3); see dsv3lite.fp8.
     """
 
     vocab_size: int = 256
@@ -95,6 +96,7 @@ class ModelArgs:
     # numerics
     norm_eps: float = 1e-6
     init_std: float = 0.006
+    fp8: bool = False
 
     # ------------------------------------------------------------------ derived
     @property

@@ -74,6 +74,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if args.fp8:
+            from .fp8 import convert_to_fp8
+            convert_to_fp8(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

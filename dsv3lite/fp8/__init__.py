@@ -1,0 +1,35 @@
+"""FP8 mixed-precision training with fine-grained scaling, DeepSeek-V3 style ([V3] §3.3).
+
+Every tensor that enters a Linear GEMM is stored in E4M3 (max 448, 3 mantissa bits)
+with one online scale per small tile: 1x128 for activations and gradients (128x1 when
+re-tiled for the weight gradient), 128x128 for weights. The GEMMs accumulate in fp32,
+multiplying in the two scales of every 128-wide K-block (fact sheet §5.1-5.2).
+
+Modules, one idea each:
+
+- :mod:`~dsv3lite.fp8.e4m3`: the number format (448, the spacing of its values);
+- :mod:`~dsv3lite.fp8.reference`: quantization, dequantization and the block-scaled GEMM
+  in plain PyTorch, the reference everything else is tested against;
+- :mod:`~dsv3lite.fp8.kernels`: the same operations as Triton kernels (imports Triton);
+- :mod:`~dsv3lite.fp8.ops`: the one dispatch (Triton on sm_89+ GPUs, else reference)
+  behind the official names ``act_quant``, ``weight_quant``, ``weight_dequant``,
+  ``fp8_gemm``;
+- :mod:`~dsv3lite.fp8.linear`: :class:`FP8Linear` (Fprop, Dgrad, Wgrad in FP8) and
+  :func:`convert_to_fp8`, which ``ModelArgs(fp8=True)`` applies to a Transformer.
+
+Usage::
+
+    from dsv3lite.fp8 import act_quant, weight_quant, fp8_gemm
+    x_q, x_s = act_quant(x)          # (M, K) -> E4M3 (M, K), scales (M, K/128)
+    w_q, w_s = weight_quant(w)       # (N, K) -> E4M3 (N, K), scales (N/128, K/128)
+    y = fp8_gemm(x_q, x_s, w_q, w_s, torch.bfloat16)   # ≈ x @ w.T
+"""
+
+from .e4m3 import E4M3_DTYPE, E4M3_MAX, e4m3_spacing
+from .linear import FP8Linear, convert_to_fp8, fp8_linear
+from .ops import act_quant, fp8_gemm, use_triton, weight_dequant, weight_quant
+from .reference import BLOCK_SIZE
+
+__all__ = ["E4M3_DTYPE", "E4M3_MAX", "BLOCK_SIZE", "e4m3_spacing", "act_quant", "weight_quant",
+           "weight_dequant", "fp8_gemm", "use_triton", "FP8Linear", "fp8_linear",
+           "convert_to_fp8"]

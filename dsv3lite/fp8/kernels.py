@@ -1,0 +1,236 @@
+"""Triton kernels for fine-grained FP8: tile quantization, dequantization, block-scaled GEMM.
+
+The same four operations as :mod:`dsv3lite.fp8.reference` (fact sheet §5.1-5.2), written
+the way the official ``inference/kernel.py`` writes them, and bit-compatible with the
+reference wherever the hardware rounds correctly:
+
+- ``_quant_tiles_kernel``: one scale per 1x128 tile along the columns of a strided
+  (R, C) view. Handing it the transposed view of the token matrix gives the 128x1 tiles
+  of the weight gradient, written out K-major in the same pass.
+- ``_weight_quant_kernel`` / ``_weight_dequant_kernel``: one program per 128x128 block.
+- ``_fp8_gemm_kernel``: c = a @ b^T. Per 128-wide K-block it runs one FP8 ``tl.dot`` and
+  adds the partial product, times the two scales, to an fp32 accumulator: the paper's
+  promotion to CUDA cores every N_C = 128 elements ([V3] §3.3.2).
+
+Partial tiles at the edges are masked with zeros, which is the reference's zero padding.
+Divisions use ``div_rn`` (IEEE round-to-nearest) so scales match the reference exactly.
+
+Importing this module imports Triton, which reads ``TRITON_INTERPRET`` at that moment:
+with ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through the interpreter
+(fixed tile sizes; autotuning runs only when compiling for CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .e4m3 import E4M3_DTYPE, E4M3_MAX
+from .reference import (AMAX_FLOOR, BLOCK_SIZE, ceil_div, check_gemm_operands,
+                        check_quantizable, check_scale_fmt)
+
+__all__ = ["INTERPRET", "act_quant_triton", "weight_quant_triton", "weight_dequant_triton",
+           "fp8_gemm_triton"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+"""Whether Triton runs its interpreter (read once, when Triton builds the kernels)."""
+_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+
+
+@triton.jit
+def _scale(amax, POW2_SCALES: tl.constexpr):
+    """s = max(amax, 1e-4) / 448, optionally rounded up to a power of 2 (bit trick)."""
+    s = tl.math.div_rn(tl.maximum(amax, _AMAX_FLOOR), _E4M3_MAX)
+    if POW2_SCALES:
+        bits = s.to(tl.int32, bitcast=True)
+        s = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr,
+                        stride_sr, POW2_SCALES: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """BLOCK_R rows x one 1xBLOCK_C tile of the (R, C) view x; q and s are row-major."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    s = _scale(tl.max(tl.abs(x), axis=1), POW2_SCALES)  # (BLOCK_R,): one per tile
+    q = tl.math.div_rn(x, s[:, None])
+    q = tl.minimum(tl.maximum(q, -_E4M3_MAX), _E4M3_MAX)
+    tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(s_ptr + rows * stride_sr + tl.program_id(1), s, mask=rows < R)
+
+
+@triton.jit
+def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk,
+                         POW2_SCALES: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK x BLOCK block of w (N, K) -> E4M3 block and one scale."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                mask=mask, other=0.0).to(tl.float32)
+    s = _scale(tl.max(tl.abs(w)), POW2_SCALES)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -_E4M3_MAX), _E4M3_MAX)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + pid_n * tl.cdiv(K, BLOCK) + pid_k, s)
+
+
+@triton.jit
+def _weight_dequant_kernel(q_ptr, s_ptr, y_ptr, N, K, stride_qn, stride_qk, stride_sn,
+                           stride_sk, BLOCK: tl.constexpr):
+    """y = q * s for one BLOCK x BLOCK block (the official ``weight_dequant``)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qk, mask=mask)
+    s = tl.load(s_ptr + pid_n * stride_sn + pid_k * stride_sk)
+    y = q.to(tl.float32) * s
+    tl.store(y_ptr + rows[:, None] * K + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET,
+                     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                     stride_asm, stride_ask, stride_bsn, stride_bsk,
+                     B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c[M, N] = sum over K-blocks of (a_blk @ b_blk^T) * a_s[m, k] * b_s[n // B_SCALE_ROWS, k].
+
+    ``M_BUCKET`` (the next power of 2 of M) is only an autotuning key.
+    """
+    # Grouped launch order: GROUP_M row-tiles share their b columns while in L2.
+    pid = tl.program_id(0)
+    n_pid_m, n_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * n_pid_n) * GROUP_M
+    group_m = min(n_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_pid_n)) % group_m
+    pid_n = (pid % (GROUP_M * n_pid_n)) // group_m
+    # Rows past M and columns past N wrap around (loads stay in bounds); never stored.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # (BK, BN)
+    a_s_ptrs = a_s_ptr + offs_m * stride_asm
+    b_s_ptrs = b_s_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        in_k = offs_k < K - k * BLOCK_K  # the last K-block may be partial: zero-pad it
+        a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
+        a_s = tl.load(a_s_ptrs + k * stride_ask)
+        b_s = tl.load(b_s_ptrs + k * stride_bsk)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # promote to fp32 every 128 K
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+# Tile shapes for H100-class GPUs: BLOCK_K is fixed at the 128 of the scale groups.
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages,
+                  num_warps=warps)
+    for bm, bn, stages, warps in [(128, 128, 3, 8), (128, 128, 4, 8), (64, 128, 3, 4),
+                                  (64, 128, 4, 4), (64, 128, 5, 4), (128, 64, 4, 4),
+                                  (64, 64, 4, 4), (32, 128, 4, 4), (16, 64, 4, 4)]
+]
+if INTERPRET:  # the interpreter cannot autotune: one fixed, modest tile
+    _fp8_gemm = _fp8_gemm_kernel
+    _GEMM_FIXED = dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8)
+else:
+    _fp8_gemm = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "B_SCALE_ROWS"])(
+        _fp8_gemm_kernel)
+    _GEMM_FIXED = {}
+_QUANT_ROWS = 64  # rows (1x128 tiles) per quantization program
+
+
+def act_quant_triton(x: torch.Tensor, scale_fmt: Optional[str] = None,
+                     transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`~dsv3lite.fp8.reference.act_quant_ref` (same contract)."""
+    check_quantizable("x", x)
+    check_scale_fmt(scale_fmt)
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    view = x2.t() if transpose else x2  # tiles run along the columns of this view
+    R, C = view.shape
+    q = torch.empty((R, C), dtype=E4M3_DTYPE, device=x.device)
+    s = torch.empty((R, ceil_div(C, BLOCK_SIZE)), dtype=torch.float32, device=x.device)
+    if q.numel():
+        grid = (triton.cdiv(R, _QUANT_ROWS), triton.cdiv(C, BLOCK_SIZE))
+        _quant_tiles_kernel[grid](view, q, s, R, C, view.stride(0), view.stride(1), C,
+                                  s.stride(0), POW2_SCALES=scale_fmt == "ue8m0",
+                                  BLOCK_R=_QUANT_ROWS, BLOCK_C=BLOCK_SIZE, num_warps=8)
+    if transpose:
+        return q, s
+    return q.view(x.shape), s.view(*x.shape[:-1], -1)
+
+
+def weight_quant_triton(w: torch.Tensor,
+                        scale_fmt: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`~dsv3lite.fp8.reference.weight_quant_ref`."""
+    check_quantizable("w", w, ndim=2)
+    check_scale_fmt(scale_fmt)
+    N, K = w.shape
+    q = torch.empty((N, K), dtype=E4M3_DTYPE, device=w.device)
+    s = torch.empty((ceil_div(N, BLOCK_SIZE), ceil_div(K, BLOCK_SIZE)), dtype=torch.float32,
+                    device=w.device)
+    if q.numel():
+        _weight_quant_kernel[s.shape](w, q, s, N, K, w.stride(0), w.stride(1),
+                                      POW2_SCALES=scale_fmt == "ue8m0", BLOCK=BLOCK_SIZE,
+                                      num_warps=8)
+    return q, s
+
+
+def weight_dequant_triton(q: torch.Tensor, s: torch.Tensor,
+                          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Triton version of :func:`~dsv3lite.fp8.reference.weight_dequant_ref`."""
+    if q.dtype != E4M3_DTYPE or q.dim() != 2:
+        raise ValueError(f"q has dtype {q.dtype} and shape {tuple(q.shape)}: "
+                         f"must be a 2-D {E4M3_DTYPE} tensor")
+    N, K = q.shape
+    expected = (ceil_div(N, BLOCK_SIZE), ceil_div(K, BLOCK_SIZE))
+    if s.shape != expected:
+        raise ValueError(f"s has shape {tuple(s.shape)}: must be {expected} for q of "
+                         f"shape {(N, K)} in 128x128 blocks")
+    y = torch.empty((N, K), dtype=out_dtype or torch.get_default_dtype(), device=q.device)
+    if y.numel():
+        _weight_dequant_kernel[expected](q, s, y, N, K, q.stride(0), q.stride(1), s.stride(0),
+                                         s.stride(1), BLOCK=BLOCK_SIZE, num_warps=8)
+    return y
+
+
+def fp8_gemm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Triton version of :func:`~dsv3lite.fp8.reference.fp8_gemm_ref` (c = a @ b^T)."""
+    b_scale_rows = check_gemm_operands(a, a_s, b, b_s)
+    (N, K), nk = b.shape, a_s.shape[-1]
+    a2, a_s2 = a.reshape(-1, K), a_s.reshape(-1, nk)
+    M = a2.shape[0]
+    c = torch.empty((M, N), dtype=out_dtype or torch.get_default_dtype(), device=a.device)
+    if M == 0 or N == 0:
+        return c.view(*a.shape[:-1], N)
+    if K == 0:
+        return c.zero_().view(*a.shape[:-1], N)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _fp8_gemm[grid](a2, b, c, a_s2, b_s, M, N, K, min(triton.next_power_of_2(M), 8192),
+                    a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                    c.stride(1), a_s2.stride(0), a_s2.stride(1), b_s.stride(0), b_s.stride(1),
+                    B_SCALE_ROWS=b_scale_rows, BLOCK_K=BLOCK_SIZE, **_GEMM_FIXED)
+    return c.view(*a.shape[:-1], N)
