@@ -300,7 +300,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             window[k] += getattr(loss, k).item()
         window["n"] += 1
         done = step + 1
-        if done % cfg.log_interval == 0 or done == end:
+        eval_now = done % cfg.eval_interval == 0 or done == end
+        if done % cfg.log_interval == 0 or eval_now:  # validation steps are always logged
             if use_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t_window
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                       "tokens_per_s": tok_window / seconds, "max_vio": max_vio}
             if peak:
                 record["mfu"] = tok_window / seconds * fpt / peak
-            if done % cfg.eval_interval == 0 or done == end:
+            if eval_now:
                 val = evaluate(model, val_batches, device, autocast)
                 record["val"] = val
             _append(metrics_file, record)

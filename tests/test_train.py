@@ -43,9 +43,11 @@ def test_schedules_follow_the_papers_shape():
 
 
 def test_metrics_hold_losses_throughput_and_max_violation(text_corpus, tmp_path):
-    result = train(_cfg(text_corpus, tmp_path / "run", steps=4, eval_interval=2), progress=False)
+    result = train(_cfg(text_corpus, tmp_path / "run", steps=4, eval_interval=3,
+                        log_interval=2), progress=False)
     lines = [json.loads(l) for l in (result.out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and "val" in lines[0]  # validation before training
+    assert [r["step"] for r in lines if "val" in r] == [0, 3, 4]  # not tied to log steps
     last = lines[-1]
     assert set(last["train"]) == {"main", "mtp", "balance", "total"}
     assert last["tokens"] == 4 * 4 * 32 and last["tokens_per_s"] > 0
