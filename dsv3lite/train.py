@@ -221,7 +221,8 @@ def _optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          model: Optional[Transformer] = None) -> TrainResult:
     """Run (or continue) a training run described by ``cfg``.
 
     Args:
@@ -229,11 +230,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             latest checkpoint in ``cfg.out``, and the run continues to ``cfg.steps``.
         resume: Continue from ``cfg.out``'s latest checkpoint.
         progress: Show a tqdm progress bar.
+        model: Train this model instead of building ``cfg.preset`` (for experiments that
+            modify a model, e.g. swap its attention); its ``args`` are used. It is
+            trained in place.
 
     Returns:
         :class:`TrainResult`.
     """
-    args = cfg.model_args()
+    args = model.args if model is not None else cfg.model_args()
     cfg.validate(args)
     out = Path(cfg.out)
     device = pick_device(cfg.device)
@@ -242,7 +246,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     train_stream, val_stream = data.stream("train"), data.stream("val")
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(args).to(device).train()
+    model = (model if model is not None else Transformer(args)).to(device).train()
     optimizer = _optimizer(model, cfg)
     batch_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start = 0

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dsv3lite.train import TrainConfig, gamma_at, lr_at, main, mtp_lambda_at, train
 
@@ -99,3 +100,12 @@ def test_package_level_train_and_generate_are_callable(text_corpus, tmp_path):
     result = dsv3lite.train(_cfg(text_corpus, tmp_path / "run", steps=2), progress=False)
     out = dsv3lite.generate(result.model, [1, 2, 3], 5, temperature=0)
     assert result.step == 2 and len(out.tokens) == 5
+
+
+def test_train_accepts_a_prebuilt_model(text_corpus, tmp_path):
+    from dsv3lite import ModelArgs, Transformer
+
+    model = Transformer(ModelArgs.tiny(vocab_size=512, n_mtp_depth=0))
+    before = model.embed.weight.detach().clone()
+    result = train(_cfg(text_corpus, tmp_path / "run", steps=2), progress=False, model=model)
+    assert result.model is model and not torch.equal(model.embed.weight, before)
