@@ -48,12 +48,12 @@ import argparse
 import math
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
+from ._callable import make_module_callable
 from .mla import ATTN_IMPLS, AttnImpl, LatentKVCache
 from .model import Transformer
 
@@ -365,14 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
-class _CallableModule(types.ModuleType):
-    """Lets ``dsv3lite.generate(...)`` call :func:`generate` although it names the module."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, generate)  # dsv3lite.generate(...) calls generate(...)
 
 
 if __name__ == "__main__":

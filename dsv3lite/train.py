@@ -22,7 +22,6 @@ import math
 import random
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._callable import make_module_callable
 from .accounting import count_params
 from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_checkpoint
 from .config import ModelArgs
@@ -392,14 +392,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """Lets ``dsv3lite.train(...)`` call :func:`train` although it names the module."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, train)  # dsv3lite.train(...) calls train(...)
 
 
 if __name__ == "__main__":
