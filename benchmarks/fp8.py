@@ -11,7 +11,7 @@ zeros; do_bench clears the L2 cache before every run):
 
 - act_quant (1x128 and 128x1), weight_quant (128x128) and weight_dequant in GB/s against
   a same-run device-to-device copy (performance goal K5: >= 0.85x);
-- fp8_gemm at M=N=K=4096 and 8192 and at DeepSeek-V3's shapes (fact sheet §5.3) against
+- fp8_gemm at M=N=K=4096 and 8192 and at DeepSeek-V3's shapes (the DeepGEMM README's table) against
   ``torch.nn.functional.scaled_mm`` blockwise (if present and verified) and bf16 matmul
   (goals K1, K2), and the Wgrad GEMM (both operands 1x128 along tokens, goal K3);
 - FP8Linear forward+backward against a bf16 nn.Linear (goal K6).
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEEPSEEK_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168),
-               (7168, 2048)]  # fact sheet §5.3: (N, K) of V3's projections
+               (7168, 2048)]  # DeepGEMM README: (N, K) of V3's projections
 DEEPSEEK_M = [64, 128, 4096]
 BUDGET_S = 360  # GEMM shapes not started by then are skipped (and listed in the JSON)
 

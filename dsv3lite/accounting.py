@@ -1,7 +1,7 @@
 """Parameter and KV-cache accounting from the args alone: nothing is allocated.
 
 This is how the book counts DeepSeek-V3's 671B total and ~37B activated parameters
-(fact sheet §3.1) and its 576 cached numbers per token per layer (fact sheet §1.6).
+([V3] §4.2) and its 576 cached numbers per token per layer ([V2] Table 1).
 A test checks these formulas against a real (tiny) model's tensors.
 
 "Activated" counts what one token touches: everything except the routed experts it was

@@ -1,7 +1,7 @@
 """One pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(x)).
 
 The FFN is a dense SwiGLU MLP in the first ``n_dense_layers`` blocks and DeepSeekMoE
-afterwards (fact sheet §1.3 "Block structure", §3.1).
+afterwards ([V3] §2.1, §4.2; [V3-code] ``Block``).
 """
 
 from __future__ import annotations

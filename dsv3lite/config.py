@@ -3,7 +3,7 @@
 The field names are DeepSeek's own (the official inference code's ``ModelArgs``), so a
 reader can hold this file next to the paper and the released ``config_671B.json``.
 Impossible combinations are rejected when the object is built, with a message that
-names the field, the value and what is allowed (fact sheet §1.1, §1.3, §3.1, §4).
+names the field, the value and what is allowed ([V3] §2.1-2.2, §4.2; [V3-code]).
 
 Presets:
 
@@ -202,7 +202,7 @@ class ModelArgs:
 
     @classmethod
     def deepseek_v3(cls, **overrides) -> "ModelArgs":
-        """DeepSeek-V3 671B (``config_671B.json``; fact sheet §1.1, §2, §3.1). Never allocate it."""
+        """DeepSeek-V3 671B (``config_671B.json``; [V3] §4.2-4.3). Never allocate it."""
         base = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,
                     n_layers=61, n_dense_layers=3, n_heads=128,
                     q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,

@@ -1,10 +1,10 @@
 """Text generation with the latent KV cache, and speculative decoding with the MTP module.
 
-Plain decoding ([V3] §2.1.1, fact sheet §1.5): the prompt is run once (prefill), filling
+Plain decoding ([V3] §2.1.1; [V3-code] ``MLA.forward``): the prompt is run once (prefill), filling
 the :class:`~dsv3lite.mla.LatentKVCache`; afterwards each forward pass feeds one token
 and attends over the cached latents (absorbed MLA by default). Temperature 0 is greedy.
 
-Speculative decoding ([V3] §2.2 "MTP in Inference", fact sheet §4). The depth-1 MTP
+Speculative decoding ([V3] §2.2 "MTP in Inference", §5.4.3). The depth-1 MTP
 module was trained to predict the token *two* places ahead, so it can draft a token for
 free: after the main model produced h_{n-1} and the next token t_n, the MTP module
 combines them, h'_{n-1} = M [RMSNorm(h_{n-1}); RMSNorm(Emb(t_n))] (Eq. 21), and its head

@@ -3,7 +3,7 @@
 Keys and values are rebuilt from one small latent per token, c^KV = W^DKV h (Eq. 1),
 plus one decoupled RoPE key k^R = RoPE(W^KR h) shared by every head (Eq. 3). Only
 those two are cached: ``kv_lora_rank + qk_rope_head_dim`` numbers per token per layer
-(576 in V3, against 32,768 for standard MHA; fact sheet §1.6).
+(576 in V3, against 32,768 for standard MHA; [V2] Table 1).
 
 Three ways to compute the same attention:
 
@@ -12,7 +12,7 @@ Three ways to compute the same attention:
 - decode ``"naive"``: keep the latent cache, up-project all cached latents every step;
 - decode ``"absorbed"``: fold W^UK into the query and W^UV into the output, so attention
   runs directly on the cached latents, like MQA with one 576-d key and one 512-d value
-  (fact sheet §1.5). Exact, by associativity: (q W^UK)·c = q·(W^UK c).
+  ([V2] App. C; [V3-code] ``MLA.forward``). Exact, by associativity: (q W^UK)·c = q·(W^UK c).
 
 Layer names follow the official inference code: ``wq`` or ``wq_a``/``q_norm``/``wq_b``,
 ``wkv_a`` (W^DKV and W^KR fused), ``kv_norm``, ``wkv_b`` (W^UK and W^UV interleaved

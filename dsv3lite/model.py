@@ -2,8 +2,8 @@
 
 ``Transformer(args)(tokens, targets)`` returns the logits and, with targets, the loss
 parts: main next-token cross-entropy, the MTP cross-entropy (weighted by λ in the
-total), and the sequence-wise balance loss (fact sheet §3.4, §4). With a
-:class:`~dsv3lite.mla.LatentKVCache` it decodes incrementally (fact sheet §1.5).
+total), and the sequence-wise balance loss ([V3] §2.2, Eqs. 17-20). With a
+:class:`~dsv3lite.mla.LatentKVCache` it decodes incrementally ([V3-code] ``MLA.forward``).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Each MoE layer has ``n_shared_experts`` experts every token uses and
 ``n_routed_experts`` fine-grained experts of which each token uses
-``n_activated_experts`` (fact sheet §3.1). The router, exactly as implemented in the
-official code (fact sheet §3.2):
+``n_activated_experts`` ([V3] §2.1.2, §4.2). The router, exactly as implemented in the
+official code ([V3-code] ``Gate.forward``):
 
 1. affinity s = sigmoid(u·e_i) (Eq. 15), kept unbiased;
 2. selection scores s + b, with b the balancing bias (used ONLY to choose);
@@ -14,8 +14,8 @@ official code (fact sheet §3.2):
 
 No token is ever dropped. The bias b is no Parameter: :class:`BiasBalancer` owns it
 and moves it by b_i += γ·sign(mean load − load_i) after each optimizer step ([LF]
-Alg. 1, fact sheet §3.3). A small sequence-wise balance loss (α = 1e-4) complements
-it (Eqs. 17-20, fact sheet §3.4).
+Alg. 1; [V3] §2.1.2). A small sequence-wise balance loss (α = 1e-4) complements
+it ([V3] Eqs. 17-20, §4.2).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: in
 
     Eq. 18's indicator is written with the unbiased Top-K; we count the experts the
     router really chose (bias and groups included), the routing the loss is meant to
-    balance. The report leaves this open (fact sheet §3.4).
+    balance. The report leaves this open ([V3] Eq. 18).
     """
     B, T, n_experts = scores.shape
     chosen = torch.zeros_like(scores).scatter_(-1, indices, 1.0)  # (B, T, N_r)

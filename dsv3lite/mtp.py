@@ -13,7 +13,7 @@ objects). The loss is L_MTP = λ/D Σ_k CE^k (Eq. 25), added to the main loss. A
 inference the modules can be dropped, or used as a draft for speculative decoding.
 
 We concatenate in the paper's order, h first; the released weights and vLLM put the
-embedding first (fact sheet §4), which only permutes ``eh_proj``'s input columns.
+embedding first ([vLLM] ``deepseek_mtp.py``), which only permutes ``eh_proj``'s input columns.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Decoupled rotary position embedding, with YaRN context extension.
 
 In MLA only a few dimensions carry position: the per-head query part q^R and one key
-k^R shared by all heads (``qk_rope_head_dim`` dims each, fact sheet §2). Everything
+k^R shared by all heads (``qk_rope_head_dim`` dims each, [V3] Eqs. 3 and 8). Everything
 else (the compressed latent and its up-projections) stays position-free, which is what
-makes weight absorption exact at decode time (fact sheet §1.5).
+makes weight absorption exact at decode time ([V2] §2.1.3).
 
 Rotation follows the official code: dimensions are rotated in *interleaved* pairs
 (0, 1), (2, 3), ..., pair i turning at frequency θ^(-2i/d).
@@ -67,7 +67,10 @@ def yarn_mscale(args: ModelArgs) -> float:
 
 
 def softmax_scale(args: ModelArgs) -> float:
-    """Attention logit scale: 1/√(d_h + d_h^R), times mscale² under YaRN (fact sheet §1.4)."""
+    """Attention logit scale: 1/√(d_h + d_h^R), times mscale² under YaRN.
+
+    As in [V3-code] ``MLA.__init__``.
+    """
     return args.qk_head_dim ** -0.5 * yarn_mscale(args) ** 2
 
 

@@ -5,13 +5,13 @@ from dsv3lite import ModelArgs, Transformer, count_params, kv_cache_elements_per
 
 def test_deepseek_v3_has_671b_total_and_about_37b_activated():
     count = count_params(ModelArgs.deepseek_v3())
-    assert count.total / 1e9 == pytest.approx(671.03, abs=0.01)  # fact sheet §3.1
+    assert count.total / 1e9 == pytest.approx(671.03, abs=0.01)  # [V3] §4.2: 671B total
     assert 36.5e9 < count.activated < 38e9  # "37B activated" ([V3] abstract)
 
 
 def test_kv_cache_is_576_elements_per_token_per_layer_in_v3():
     args = ModelArgs.deepseek_v3()
-    assert kv_cache_elements_per_token(args, per_layer=True) == 576  # fact sheet §1.6
+    assert kv_cache_elements_per_token(args, per_layer=True) == 576  # [V2] Table 1: d_c + d_h^R
     assert kv_cache_elements_per_token(args) == 35_136
     assert 2 * args.n_heads * args.qk_nope_head_dim == 32_768  # the MHA it replaces
 

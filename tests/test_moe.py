@@ -45,7 +45,8 @@ def test_routing_stays_within_the_kept_groups():
 
 
 def test_group_score_is_the_sum_of_its_top_two_not_its_max():
-    # group 0 holds the single best expert; group 1 has the best top-2 sum (fact sheet §9 row 21)
+    # group 0 holds the single best expert; group 1 has the best top-2 sum
+    # ([V3-code] Gate.forward ranks groups by topk(2).sum)
     args = ModelArgs.tiny(n_routed_experts=8, n_expert_groups=2, n_limited_groups=1,
                           n_activated_experts=2, dim=8)
     gate = Gate(args)

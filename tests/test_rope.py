@@ -9,13 +9,13 @@ from dsv3lite.rope import (apply_rope, precompute_rope, rope_frequencies, softma
 
 
 def test_v3_yarn_ramp_spans_indices_10_to_23():
-    assert yarn_correction_range(ModelArgs.deepseek_v3()) == (10, 23)  # fact sheet §2
+    assert yarn_correction_range(ModelArgs.deepseek_v3()) == (10, 23)  # [V3] §4.3
 
 
 def test_v3_softmax_scale_includes_mscale_squared():
     args = ModelArgs.deepseek_v3()
     assert yarn_mscale(args) == pytest.approx(1.36889, abs=1e-5)
-    assert softmax_scale(args) == pytest.approx(0.13523, abs=1e-5)  # fact sheet §1.4
+    assert softmax_scale(args) == pytest.approx(0.13523, abs=1e-5)  # [V3-code] MLA.__init__
     short = args.replace(max_seq_len=4096)
     assert softmax_scale(short) == pytest.approx(192 ** -0.5)  # 0.07217, no YaRN
 

@@ -3,7 +3,8 @@
 Every tensor that enters a Linear GEMM is stored in E4M3 (max 448, 3 mantissa bits)
 with one online scale per small tile: 1x128 for activations and gradients (128x1 when
 re-tiled for the weight gradient), 128x128 for weights. The GEMMs accumulate in fp32,
-multiplying in the two scales of every 128-wide K-block (fact sheet §5.1-5.2).
+multiplying in the two scales of every 128-wide K-block ([V3] §3.3.2; [V3-code]
+``inference/kernel.py``).
 
 Modules, one idea each:
 

@@ -2,7 +2,7 @@
 
 DeepSeek-V3 stores every FP8 tensor (activations, weights and gradients alike) in E4M3:
 1 sign bit, 4 exponent bits (bias 7) and 3 mantissa bits, in the ``fn`` flavour that has
-no infinities, so the largest finite value is 1.75 · 2^8 = **448** (fact sheet §5.1).
+no infinities, so the largest finite value is 1.75 · 2^8 = **448**.
 Three mantissa bits mean 8 representable values per power of two, so the gap between
 neighbours (the *spacing*, one unit in the last place) is 2^(e-3) for a value in
 [2^e, 2^(e+1)). Below the smallest normal 2^-6 the values are subnormal and evenly

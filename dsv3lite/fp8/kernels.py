@@ -1,6 +1,6 @@
 """Triton kernels for fine-grained FP8: tile quantization, dequantization, block-scaled GEMM.
 
-The same four operations as :mod:`dsv3lite.fp8.reference` (fact sheet §5.1-5.2), written
+The same four operations as :mod:`dsv3lite.fp8.reference` ([V3] §3.3), written
 the way the official ``inference/kernel.py`` writes them, and bit-compatible with the
 reference wherever the hardware rounds correctly:
 

@@ -1,7 +1,7 @@
 """FP8 training of Linear layers: Fprop, Dgrad and Wgrad as block-scaled GEMMs ([V3] §3.3).
 
 A Linear y = x W^T costs three GEMMs per training step, and DeepSeek-V3 runs all three
-in FP8 with fp32 accumulation (fact sheet §5.1, Fig. 6):
+in FP8 with fp32 accumulation ([V3] §3.3, Fig. 6):
 
     Fprop  y  = x  · W^T     x in 1x128 tiles (along K),       W in 128x128 blocks
     Dgrad  dx = dy · W       dy in 1x128 tiles (along N),      W^T in 128x128 blocks

@@ -1,6 +1,6 @@
 """One dispatch for the FP8 operations: compiled Triton on FP8 GPUs, the reference elsewhere.
 
-The public names follow the official ``inference/kernel.py`` (fact sheet §5.2):
+The public names follow the official ``inference/kernel.py`` ([V3-code]):
 :func:`act_quant`, :func:`weight_quant`, :func:`weight_dequant`, :func:`fp8_gemm`. Each
 looks at where its input lives:
 

@@ -7,7 +7,7 @@ gives each small tile its own scale instead, computed online from the tile itsel
     amax = max(|x_tile|, 1e-4)      s = amax / 448      q = E4M3(x_tile / s)
 
 so the tile's largest element maps onto 448 and ``q · s`` recovers the tile. The
-tiles follow the GEMM's inner dimension K (fact sheet §5.1):
+tiles follow the GEMM's inner dimension K ([V3] §3.3.2):
 
 - activations and output gradients: **1x128** (one token, 128 channels);
 - the same tensors re-tiled **128x1** (128 tokens, one channel) for the weight gradient,
@@ -20,10 +20,10 @@ elements". This module is the reference every fast path is tested against.
 
 Dimensions that are not multiples of 128 are **zero-padded**: the last tile of a row
 (or block) simply holds fewer real elements, and its scale comes from those alone, as in
-the released checkpoints (fact sheet §5.2). Scale tensors therefore have
+the released checkpoints ([V3-code] ``inference/kernel.py``). Scale tensors therefore have
 ``ceil(n / 128)`` entries along a tiled axis. Optionally (``scale_fmt="ue8m0"``, the
 official name) scales are rounded up to a power of 2, as V3 does for the tensors it
-re-tiles or communicates (fact sheet §5.1).
+re-tiles or communicates ([V3] §3.3.3).
 """
 
 from __future__ import annotations
