@@ -5,8 +5,10 @@ Run from the repository root on a CUDA machine with FP8 tensor cores (sm_89+, e.
     python benchmarks/fp8.py
 
 It (1) checks the compiled Triton kernels against the plain-PyTorch reference on the GPU
-(bit-exact quantization, GEMM within 1e-5 of the float64 product of the dequantized
-operands); (2) times, with ``triton.testing.do_bench`` medians on random data (never
+(bit-exact quantization, an FP32-output GEMM within
+``dsv3lite.fp8.accumulation.promoted_gemm_tolerance()`` of the float64 product of the
+dequantized operands: the bound that Hopper's ~14-bit accumulation inside each 128-wide
+block allows, derived from its emulation); (2) times, with ``triton.testing.do_bench`` medians on random data (never
 zeros; do_bench clears the L2 cache before every run):
 
 - act_quant (1x128 and 128x1), weight_quant (128x128) and weight_dequant in GB/s against
@@ -59,8 +61,10 @@ def median_ms(fn, grad_to_none=None) -> float:
 # ------------------------------------------------------------------- correctness
 def check_correctness(device: torch.device) -> dict:
     from dsv3lite.fp8 import kernels, reference as ref
+    from dsv3lite.fp8.accumulation import promoted_gemm_tolerance
 
     checks = {}
+    tolerance = promoted_gemm_tolerance()
     x = torch.randn(4096, 7168, device=device, dtype=torch.bfloat16) * 3
     for name, ours, theirs in [
         ("act_quant 1x128", lambda: kernels.act_quant_triton(x), lambda: ref.act_quant_ref(x)),
@@ -90,7 +94,8 @@ def check_correctness(device: torch.device) -> dict:
         e32 = rel(kernels.fp8_gemm_triton(a_q, a_s, b_q, b_s, torch.float32), exact)
         e16 = rel(kernels.fp8_gemm_triton(a_q, a_s, b_q, b_s, torch.bfloat16), exact)
         checks[f"fp8_gemm {M}x{N}x{K} b {b_tiles}"] = dict(
-            rel_err_fp32_out=e32, rel_err_bf16_out=e16, ok=e32 <= 1e-5 and e16 <= 4e-3)
+            rel_err_fp32_out=e32, rel_err_bf16_out=e16, fp32_tolerance=tolerance,
+            ok=e32 <= tolerance and e16 <= 4e-3)
     return checks
 
 

@@ -62,9 +62,22 @@ class BiasBalancer(nn.Module):
 
     def __init__(self, n_experts: int):
         super().__init__()
-        self.register_buffer("bias", torch.zeros(n_experts))
-        self.register_buffer("counts", torch.zeros(n_experts), persistent=False)
+        self.register_buffer("bias", torch.zeros(n_experts, dtype=torch.float32))
+        self.register_buffer("counts", torch.zeros(n_experts, dtype=torch.float32),
+                             persistent=False)
         self.last_counts = torch.zeros(n_experts)
+
+    def _apply(self, fn, recurse=True):
+        """Follow ``.to(device)`` but never a dtype change: the bias and the counts stay
+        fp32 ([V3] §3.3.1 keeps the gating in high precision). In bf16, a bias near 1
+        could not move by γ = 0.001 at all (bf16's spacing there is 2^-7)."""
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)  # the fp32 values, moved
+        return self
 
     @torch.no_grad()
     def record(self, counts: torch.Tensor) -> None:
@@ -132,8 +145,11 @@ class Gate(nn.Module):
 
         Returns:
             gates (N, K) in x's dtype, indices (N, K), unbiased scores (N, N_r) in fp32.
+            The logits, sigmoid and selection run in fp32 even under a bf16 autocast:
+            the gating stays in high precision ([V3] §3.3.1).
         """
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, N_r)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under autocast
+            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, N_r)
         selection = scores + self.balancer.bias  # the bias only chooses
         if self.n_groups > 1:
             grouped = selection.unflatten(-1, (self.n_groups, -1))  # (N, G, N_r / G)

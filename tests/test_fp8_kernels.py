@@ -19,7 +19,11 @@ them:
 - autotune and do_bench do not run: ``kernels.py`` uses one fixed tile when interpreting.
 
 Compiled (``@pytest.mark.gpu``, skipped without CUDA): the same comparisons on an sm_89+
-GPU, where the cast rounds correctly, so quantization must match bit for bit.
+GPU, where the cast rounds correctly, so quantization must match bit for bit. The GEMM
+does not match the float64 product to 1e-5 there: inside each 128-wide ``tl.dot`` the FP8
+tensor cores keep only about 14 bits ([V3] §3.3.2), so FP32-output results are held to
+:func:`~dsv3lite.fp8.accumulation.promoted_gemm_tolerance`, the bound that the emulation
+of that accumulator sets (tests/test_fp8_accumulation.py).
 """
 
 import os
@@ -31,7 +35,8 @@ import pytest
 import torch
 
 from dsv3lite.fp8 import FP8Linear, use_triton
-from dsv3lite.fp8.e4m3 import E4M3_MIN_NORMAL, e4m3_spacing
+from dsv3lite.fp8.accumulation import promoted_gemm_tolerance
+from dsv3lite.fp8.e4m3 import rounding_edge_cases
 from dsv3lite.fp8.reference import (act_quant_ref, dequantize_tiles, fp8_gemm_ref,
                                     weight_dequant_ref, weight_quant_ref)
 
@@ -115,21 +120,6 @@ def interpreted(tmp_path_factory):
     return inputs, torch.load(folder / "outputs.pt")
 
 
-def _interpreter_cast_faults(scaled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Elements where triton 3.7's interpreted fp32 -> E4M3 cast may differ from RNE.
-
-    Args:
-        scaled: x / s, the fp32 values being cast; reference: their correct E4M3 values.
-    """
-    magnitude, rounded = scaled.abs(), reference.float().abs()
-    spacing = e4m3_spacing(scaled)
-    subnormal = magnitude < E4M3_MIN_NORMAL
-    power_of_2 = rounded == torch.exp2(torch.floor(torch.log2(rounded.clamp(min=1e-30))))
-    carry = power_of_2 & (magnitude < rounded)  # rounded up into the next binade
-    tie = magnitude - torch.floor(magnitude / spacing) * spacing == spacing / 2
-    return subnormal | carry | tie
-
-
 @pytest.mark.parametrize("kind,fmt", QUANT_CASES)
 def test_interpreted_quantizers_match_the_reference(interpreted, kind, fmt):
     inputs, outputs = interpreted
@@ -142,7 +132,7 @@ def test_interpreted_quantizers_match_the_reference(interpreted, kind, fmt):
         target = target.t() if kind == "128x1" else target
         scale = s_ref.repeat_interleave(tile[0], 0).repeat_interleave(tile[1], 1)
         scaled = target / scale[:target.shape[0], :target.shape[1]]
-        faults = _interpreter_cast_faults(scaled, q_ref)
+        faults = rounding_edge_cases(scaled, q_ref)
         differ = q.view(torch.float8_e4m3fn).float() != q_ref.float()
         assert not (differ & ~faults).any(), f"{name}: values differ outside the cast faults"
         assert faults.float().mean() < 0.15  # measured 4-11%: most elements checked exactly
@@ -215,7 +205,8 @@ def test_compiled_fp8_gemm_matches_the_float64_dequantized_product(M, N, K, b_ti
     b_tile = (128, 128) if b_tiles == "128x128" else (1, 128)
     exact = (dequantize_tiles(a_q, a_s, (1, 128), torch.float64)
              @ dequantize_tiles(b_q, b_s, b_tile, torch.float64).t())
-    assert _rel(kernels.fp8_gemm_triton(a_q, a_s, b_q, b_s, torch.float32), exact) <= 1e-5
+    fp32 = kernels.fp8_gemm_triton(a_q, a_s, b_q, b_s, torch.float32)
+    assert _rel(fp32, exact) <= promoted_gemm_tolerance()  # 14-bit sums inside each tl.dot
     bf16 = kernels.fp8_gemm_triton(a_q, a_s, b_q, b_s, torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and _rel(bf16, exact) <= 4e-3  # bf16: 2^-9 steps
 
@@ -235,7 +226,8 @@ def test_fp8_linear_on_cuda_matches_the_cpu_reference_path():
         y.backward(dy.to(dev))
         results.append([t.detach().cpu() for t in (y, xd.grad, module.weight.grad)])
     for name, ours, reference in zip(("y", "dx", "dW"), results[1], results[0]):
-        assert _rel(ours, reference) <= 1e-5, name  # same quantization, fp32 sums
+        # the same quantization bit for bit; the sums differ by the tensor cores' 14 bits
+        assert _rel(ours, reference) <= promoted_gemm_tolerance(), name
 
 
 if __name__ == "__main__":  # the interpreted child process (see the module docstring)

@@ -14,7 +14,8 @@ import torch
 from dsv3lite.fp8 import (E4M3_DTYPE, E4M3_MAX, act_quant, e4m3_spacing, fp8_gemm, use_triton,
                           weight_dequant, weight_quant)
 from dsv3lite.fp8.e4m3 import E4M3_MIN_NORMAL, E4M3_MIN_SUBNORMAL, e4m3_to_float32, e4m3_values
-from dsv3lite.fp8.reference import dequantize_tiles, quantize_tiles
+from dsv3lite.fp8.reference import dequantize_tiles, quantize_tiles, tile_scale
+from torch.overrides import TorchFunctionMode
 
 ACT, ACT_T, WEIGHT = "1x128", "128x1", "128x128"
 
@@ -105,6 +106,41 @@ def test_scales_equal_amax_over_448_per_tile_with_zero_padded_edges(kind):
             assert s[i, j] == tile.abs().max().clamp(min=1e-4) / 448  # in fp32
     if kind == ACT:
         assert (s[:, 1] == torch.tensor(1e-4) / 448).all()
+
+
+class _Divisions(TorchFunctionMode):
+    """Records the divisor of every tensor division run inside the ``with`` block."""
+
+    DIVISIONS = {torch.div, torch.true_divide, torch.Tensor.div, torch.Tensor.__truediv__,
+                 torch.Tensor.div_, torch.Tensor.__itruediv__}
+
+    def __init__(self):
+        super().__init__()
+        self.divisors = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.DIVISIONS:
+            self.divisors.append(args[1] if len(args) > 1 else kwargs.get("other"))
+        return func(*args, **(kwargs or {}))
+
+
+def test_scales_are_amax_over_448_divided_exactly_not_times_a_reciprocal():
+    # CUDA computes `tensor / 448.0` as tensor * (1/448); on these amax values that is
+    # one bit off in about half the cases, while Triton's div_rn is exact.
+    amax = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 100 + 1e-3
+    reciprocal = amax * torch.tensor(1 / 448, dtype=torch.float32)
+    exact = (amax.double() / 448).float()  # the correctly rounded fp32 quotient
+    assert (reciprocal != exact).float().mean() > 0.3  # the two really differ here
+    assert torch.equal(tile_scale(amax), exact)
+    x = torch.zeros(4096, 256)
+    x[:, 3], x[:, 200] = amax, -amax.flip(0)  # each 1x128 tile's amax is one of them
+    with _Divisions() as divisions:
+        _, s = act_quant(x)
+        weight_quant(x)
+        act_quant(x, transpose=True)
+    assert torch.equal(s[:, 0], exact) and torch.equal(s[:, 1], exact.flip(0))
+    # Never divide by a Python number, whatever the device: CUDA would use the reciprocal.
+    assert divisions.divisors and all(isinstance(d, torch.Tensor) for d in divisions.divisors)
 
 
 @pytest.mark.parametrize("kind", [ACT, ACT_T, WEIGHT])

@@ -127,3 +127,35 @@ def test_sequence_balance_loss_equals_alpha_at_perfect_balance():
     assert float(sequence_balance_loss(peaked, skewed, k, alpha)) > 2 * alpha
     loss.backward()
     assert scores.grad is not None  # the gradient flows through P_i only
+
+
+def test_router_logits_and_sigmoid_stay_fp32_under_bf16_autocast():
+    args = ModelArgs.small()
+    gate = _gate(args, std=1 / args.dim ** 0.5)  # unit-gain logits: bf16 would round them
+    x = torch.randn(300, args.dim)
+    _, idx32, scores32 = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gates, idx, scores = gate(x)
+        bf16_scores = torch.sigmoid(torch.nn.functional.linear(x, gate.weight))  # autocast
+    assert bf16_scores.dtype == torch.bfloat16  # what a plain Linear would have done
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, scores32) and torch.equal(idx, idx32)  # the fp32 routing
+    assert not torch.equal(bf16_scores.float(), scores32)
+
+
+def test_balancing_bias_and_counts_stay_fp32_after_model_to_bf16():
+    model = Transformer(ModelArgs.tiny())
+    balancer = model.moe_layers()[0].gate.balancer
+    bias = torch.tensor([1.001, -0.3, 0.5, 2e-4, 0.0, 0.25, -1.0009, 3.0])  # not bf16 values
+    balancer.bias.copy_(bias)
+    model.to(torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16  # the rest did convert
+    assert balancer.bias.dtype == balancer.counts.dtype == torch.float32
+    assert torch.equal(balancer.bias, bias)  # values kept exactly, not rounded through bf16
+    tokens = torch.randint(0, 256, (2, 9))
+    model(tokens[:, :-1], tokens[:, 1:])
+    model.update_balance_biases(1e-3)  # a bf16 bias at 1.001 could not move by 1e-3
+    moved = (balancer.bias - bias).abs()
+    assert torch.allclose(moved[moved > 0], torch.tensor(1e-3), atol=1e-6)
+    assert (moved > 0).sum() >= 4
+    assert model.state_dict()["layers.1.ffn.gate.balancer.bias"].dtype == torch.float32

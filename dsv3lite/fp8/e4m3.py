@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["E4M3_DTYPE", "E4M3_MAX", "E4M3_MANTISSA_BITS", "E4M3_MIN_NORMAL",
-           "E4M3_MIN_SUBNORMAL", "e4m3_spacing", "e4m3_values", "e4m3_to_float32"]
+           "E4M3_MIN_SUBNORMAL", "e4m3_spacing", "e4m3_values", "e4m3_to_float32",
+           "rounding_edge_cases"]
 
 E4M3_DTYPE = torch.float8_e4m3fn
 """The torch dtype of E4M3 (``fn``: finite only, NaN but no infinity)."""
@@ -74,3 +75,28 @@ def e4m3_to_float32(q: torch.Tensor) -> torch.Tensor:
     if q.device.type != "cpu":
         return q.float()
     return torch.take(_DECODE_TABLE, q.view(torch.uint8).long())
+
+
+def rounding_edge_cases(scaled: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """Elements whose rounding to E4M3 is an edge case of round-to-nearest-even.
+
+    Three classes: subnormal values; exact ties between two E4M3 values; and values
+    that round *up* into the next power of 2 (the carry out of the mantissa). The Triton
+    3.7 interpreter's fp32 -> fp8 cast gets exactly these wrong (it truncates
+    subnormals, rounds ties away from zero and drops the carry), so CPU checks of the
+    interpreted kernels compare every other element exactly.
+
+    Args:
+        scaled: fp32 values before the cast (x / s).
+        rounded: Their correct E4M3 values (the reference quantizer's output).
+
+    Returns:
+        Boolean tensor like ``scaled``.
+    """
+    magnitude, target = scaled.abs().float(), rounded.float().abs()
+    spacing = e4m3_spacing(magnitude)
+    subnormal = magnitude < E4M3_MIN_NORMAL
+    power_of_2 = target == torch.exp2(torch.floor(torch.log2(target.clamp(min=1e-30))))
+    carry = power_of_2 & (magnitude < target)  # rounded up into the next binade
+    tie = magnitude - torch.floor(magnitude / spacing) * spacing == spacing / 2
+    return subnormal | carry | tie

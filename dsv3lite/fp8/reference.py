@@ -37,8 +37,8 @@ from einops import rearrange
 from .e4m3 import E4M3_DTYPE, E4M3_MAX, e4m3_to_float32
 
 __all__ = ["BLOCK_SIZE", "AMAX_FLOOR", "SCALE_FORMATS", "round_scale_to_power_of_2",
-           "quantize_tiles", "dequantize_tiles", "act_quant_ref", "weight_quant_ref",
-           "weight_dequant_ref", "fp8_gemm_ref", "check_gemm_operands"]
+           "tile_scale", "quantize_tiles", "dequantize_tiles", "act_quant_ref",
+           "weight_quant_ref", "weight_dequant_ref", "fp8_gemm_ref", "check_gemm_operands"]
 
 BLOCK_SIZE = 128
 """Tile length along K: 1x128 activation tiles, 128x128 weight blocks."""
@@ -80,6 +80,26 @@ def round_scale_to_power_of_2(s: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
 
 
+def tile_scale(amax: torch.Tensor, scale_fmt: Optional[str] = None) -> torch.Tensor:
+    """The scale of each tile: s = max(amax, 1e-4) / 448, correctly rounded in fp32.
+
+    The divisor is a tensor on purpose. Divided by a Python number, a CUDA tensor is
+    multiplied by the reciprocal 1/448 instead, which is one bit off in about half of
+    the tiles; the Triton kernels divide exactly (``div_rn``), and the GPU tests compare
+    scales bit for bit.
+
+    Args:
+        amax: fp32 tensor of per-tile max |x|.
+        scale_fmt: ``None`` or ``"ue8m0"`` (round up to a power of 2).
+
+    Returns:
+        fp32 scales like ``amax``.
+    """
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    s = amax / torch.full_like(amax, E4M3_MAX)  # exact division on every device
+    return round_scale_to_power_of_2(s) if scale_fmt == "ue8m0" else s
+
+
 def quantize_tiles(x: torch.Tensor, tile: tuple[int, int],
                    scale_fmt: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D tensor to E4M3 with one online scale per ``tile``.
@@ -103,10 +123,7 @@ def quantize_tiles(x: torch.Tensor, tile: tuple[int, int],
     pad_r, pad_c = ceil_div(R, tr) * tr - R, ceil_div(C, tc) * tc - C
     padded = F.pad(x.float(), (0, pad_c, 0, pad_r)) if pad_r or pad_c else x.float()
     tiles = rearrange(padded, "(nr r) (nc c) -> nr r nc c", r=tr, c=tc)  # a view
-    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR)  # (nr, nc)
-    s = amax / E4M3_MAX
-    if scale_fmt == "ue8m0":
-        s = round_scale_to_power_of_2(s)
+    s = tile_scale(tiles.abs().amax(dim=(1, 3)), scale_fmt)  # (nr, nc)
     q = (tiles / s[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3_DTYPE)
     q = rearrange(q, "nr r nc c -> (nr r) (nc c)")[:R, :C].contiguous()
     return q, s
@@ -153,8 +170,8 @@ def act_quant_ref(x: torch.Tensor, scale_fmt: Optional[str] = None,
     """
     check_quantizable("x", x)
     x2 = x.reshape(-1, x.shape[-1])  # (M, K) tokens x channels
-    if transpose:
-        return quantize_tiles(x2.t(), (1, BLOCK_SIZE), scale_fmt)
+    if transpose:  # a contiguous copy first: tiles then run along memory (2x faster)
+        return quantize_tiles(x2.t().contiguous(), (1, BLOCK_SIZE), scale_fmt)
     q, s = quantize_tiles(x2, (1, BLOCK_SIZE), scale_fmt)
     return q.view(x.shape), s.view(*x.shape[:-1], -1)
 
