@@ -109,3 +109,26 @@ def test_train_accepts_a_prebuilt_model(text_corpus, tmp_path):
     before = model.embed.weight.detach().clone()
     result = train(_cfg(text_corpus, tmp_path / "run", steps=2), progress=False, model=model)
     assert result.model is model and not torch.equal(model.embed.weight, before)
+
+
+def test_fp8_benchmark_results_are_found_and_plotted(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from dsv3lite.plot import latest_results, plot_fp8_gemm
+
+    assert latest_results("fp8", tmp_path) is None
+    row = dict(M=4096, N=4096, K=4096, b_tiles="128x128", fp8_triton_tflops=900.0,
+               scaled_mm_tflops=1000.0, bf16_matmul_tflops=700.0)
+    for day, device in [("20261101", "h100"), ("20261130", "h200")]:
+        (tmp_path / f"fp8-{device}-{day}.json").write_text(json.dumps(
+            {"device": device, "gemm": [row], "wgrad_gemm": [dict(row, b_tiles="1x128",
+                                                                  scaled_mm_tflops=None)]}))
+    newest = latest_results("fp8", tmp_path)
+    assert newest.name == "fp8-h200-20261130.json"
+    fig = plot_fp8_gemm(newest)
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height()) for p in ax.patches)
+    assert heights == [0, 700, 700, 900, 900, 1000]  # 3 series x 2 shapes; no peer = 0
+    assert "h200" in ax.get_title()
+    with pytest.raises(ValueError, match="no 'gemm' rows"):
+        plot_fp8_gemm({"device": "x"})
