@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from dsv3lite.fp8 import act_quant, fp8_gemm, weight_quant
-from dsv3lite.fp8.accumulation import (PROMOTION_INTERVAL, emulate_fp8_gemm, limited_precision_matmul,
-                                       promoted_gemm_tolerance, truncate_aligned)
+from dsv3lite.fp8.accumulation import (PROMOTION_INTERVAL, emulate_fp8_gemm,
+                                       limited_precision_matmul, promoted_gemm_tolerance,
+                                       truncate_aligned)
 from dsv3lite.fp8.reference import dequantize_tiles
 
 

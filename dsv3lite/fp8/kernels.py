@@ -44,7 +44,7 @@ _E4M3_MAX = tl.constexpr(E4M3_MAX)
 
 @triton.jit
 def _scale(amax, POW2_SCALES: tl.constexpr):
-    """s = max(amax, 1e-4) / 448, optionally rounded up to a power of 2 (bit trick)."""
+    """s = max(amax, AMAX_FLOOR) / 448, optionally rounded up to a power of 2 (bit trick)."""
     s = tl.math.div_rn(tl.maximum(amax, _AMAX_FLOOR), _E4M3_MAX)
     if POW2_SCALES:
         bits = s.to(tl.int32, bitcast=True)

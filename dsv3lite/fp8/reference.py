@@ -4,7 +4,7 @@ E4M3 keeps only 3 mantissa bits (:mod:`dsv3lite.fp8.e4m3`), so one scale for a w
 tensor lets a single outlier push every other value into the subnormals. DeepSeek-V3
 gives each small tile its own scale instead, computed online from the tile itself:
 
-    amax = max(|x_tile|, 1e-4)      s = amax / 448      q = E4M3(x_tile / s)
+    amax = max(|x_tile|, 1e-30)     s = amax / 448      q = E4M3(x_tile / s)
 
 so the tile's largest element maps onto 448 and ``q · s`` recovers the tile. The
 tiles follow the GEMM's inner dimension K ([V3] §3.3.2):
@@ -42,8 +42,15 @@ __all__ = ["BLOCK_SIZE", "AMAX_FLOOR", "SCALE_FORMATS", "round_scale_to_power_of
 
 BLOCK_SIZE = 128
 """Tile length along K: 1x128 activation tiles, 128x128 weight blocks."""
-AMAX_FLOOR = 1e-4
-"""amax is clamped at this floor so an all-zero tile gets a finite, non-zero scale."""
+AMAX_FLOOR = 1e-30
+"""amax is clamped at this floor so an all-zero tile gets a finite, non-zero scale.
+
+The official inference kernel floors amax at 1e-4, which only ever sees activations.
+Training also quantizes gradients, and with the loss averaged over the tokens of a batch
+their tiles are often far below 1e-4 (in chapter 5's model, the median token's largest
+gradient entry is 1e-7 to 2e-5 in most layers): a 1e-4 floor would map them onto the
+bottom of the E4M3 grid, into the subnormals. 1e-30 keeps s = amax / 448 a normal fp32
+number and only matters for tiles that are all zero."""
 SCALE_FORMATS = (None, "ue8m0")
 """``None``: s = amax / 448 exactly; ``"ue8m0"``: s rounded up to a power of 2."""
 QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -81,7 +88,7 @@ def round_scale_to_power_of_2(s: torch.Tensor) -> torch.Tensor:
 
 
 def tile_scale(amax: torch.Tensor, scale_fmt: Optional[str] = None) -> torch.Tensor:
-    """The scale of each tile: s = max(amax, 1e-4) / 448, correctly rounded in fp32.
+    """The scale of each tile: s = max(amax, 1e-30) / 448, correctly rounded in fp32.
 
     The divisor is a tensor on purpose. Divided by a Python number, a CUDA tensor is
     multiplied by the reciprocal 1/448 instead, which is one bit off in about half of
