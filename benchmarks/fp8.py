@@ -8,8 +8,8 @@ It (1) checks the compiled Triton kernels against the plain-PyTorch reference on
 (bit-exact quantization, an FP32-output GEMM within
 ``dsv3lite.fp8.accumulation.promoted_gemm_tolerance()`` of the float64 product of the
 dequantized operands: the bound that Hopper's ~14-bit accumulation inside each 128-wide
-block allows, derived from its emulation); (2) times, with ``triton.testing.do_bench`` medians on random data (never
-zeros; do_bench clears the L2 cache before every run):
+block allows, derived from its emulation); (2) times, with ``triton.testing.do_bench``
+medians on random data (never zeros; do_bench clears the L2 cache before every run):
 
 - act_quant (1x128 and 128x1), weight_quant (128x128) and weight_dequant in GB/s against
   a same-run device-to-device copy (performance goal K5: >= 0.85x);
