@@ -157,17 +157,31 @@ class Transformer(nn.Module):
         if targets.shape != tokens.shape:
             raise ValueError(f"targets has shape {tuple(targets.shape)}: expected "
                              f"{tuple(tokens.shape)} like tokens")
+        loss = self.loss_parts(tokens, targets, logits, h, mtp=cache is None,
+                               mtp_lambda=mtp_lambda)
+        return ModelOutput(logits=logits, loss=loss, hidden=h)
+
+    def loss_parts(self, tokens: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor,
+                   h: torch.Tensor, *, mtp: bool = True,
+                   mtp_lambda: Optional[float] = None) -> LossBreakdown:
+        """The loss parts from the main logits and the last block's output ``h``.
+
+        Runs the MTP modules (when ``mtp`` and the model has them), then collects and
+        clears the balance losses the MoE layers left in ``balance_loss`` during this
+        forward. A pipeline's last stage calls it too (:mod:`dsv3lite.pipeline`), so
+        that its loss is the same computation, bit for bit.
+        """
         main = _cross_entropy(logits, targets)
-        mtp = self._mtp_loss(tokens, targets, h) if len(self.mtp) and cache is None else None
-        mtp = main.new_zeros(()) if mtp is None else mtp
+        mtp_loss = self._mtp_loss(tokens, targets, h) if len(self.mtp) and mtp else None
+        mtp_loss = main.new_zeros(()) if mtp_loss is None else mtp_loss
         moes = self.moe_layers()
         balances = [m.balance_loss for m in moes if self.training and m.balance_loss is not None]
         balance = torch.stack(balances).mean() if balances else main.new_zeros(())
         lam = self.args.mtp_lambda if mtp_lambda is None else mtp_lambda
-        total = main + lam * mtp + balance
+        total = main + lam * mtp_loss + balance
         for m in moes:
             m.balance_loss = None
-        return ModelOutput(logits=logits, loss=LossBreakdown(main, mtp, balance, total), hidden=h)
+        return LossBreakdown(main, mtp_loss, balance, total)
 
     def _mtp_loss(self, tokens: torch.Tensor, targets: torch.Tensor,
                   h: torch.Tensor) -> Optional[torch.Tensor]:

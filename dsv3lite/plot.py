@@ -3,6 +3,7 @@
 ``plot_run(DIR)`` draws the loss curves (train and validation, main and MTP) and the load
 balance (MaxVio per MoE layer, [LF] Eq. 4) against optimizer steps.
 ``plot_fp8_gemm(RESULTS)`` draws the GEMM throughput that ``benchmarks/fp8.py`` measured.
+``plot_timeline(TIMELINE)`` draws a pipeline schedule like [V3] Fig. 5.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["read_metrics", "plot_run", "latest_results", "plot_fp8_gemm"]
+__all__ = ["read_metrics", "plot_run", "latest_results", "plot_fp8_gemm", "plot_timeline"]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -113,3 +114,80 @@ def plot_fp8_gemm(results: str | Path | dict, ax=None):
     ax.legend(fontsize="small")
     ax.figure.tight_layout()
     return ax.figure
+
+
+# Direction 0 in blues, direction 1 in oranges; lighter = forward, darker = backward.
+_PIPE_COLORS = {("F", 0): "#9ecae1", ("B", 0): "#3182bd", ("F", 1): "#fdd0a2",
+                ("B", 1): "#e6550d", ("W", 0): "#c7e9c0", ("W", 1): "#c7e9c0"}
+
+
+def plot_timeline(timeline, ax=None, title: Optional[str] = None, labels: bool = True):
+    """Draw a pipeline timeline like [V3] Fig. 5: ranks as rows, time to the right.
+
+    Each op is a box numbered with its micro-batch: forwards light, backwards dark, in
+    blue for direction 0 and orange for direction 1; a split backward (input gradient
+    only) is hatched, a deferred weight gradient W is green; an overlapped F&B pair is
+    one box with a thick black edge, its forward drawn in the top half and its backward
+    in the bottom half.
+
+    Args:
+        timeline: A :class:`dsv3lite.pipeline.Timeline` (from ``simulate`` or from an
+            executor result's ``timeline()``).
+        ax: A matplotlib axes to draw on (a new figure if None).
+        title: Axes title (default: the schedule, ranks and micro-batches).
+        labels: Write the micro-batch numbers in the boxes.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    schedule = timeline.schedule
+    n = schedule.n_ranks
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(12, 0.45 * n + 1.2))
+    else:
+        fig = ax.figure
+    span = max(timeline.makespan, 1e-12)
+
+    def box(x0, x1, y0, height, part):
+        color = _PIPE_COLORS[(part.kind, part.direction)]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, height, facecolor=color,
+                               edgecolor="white", linewidth=0.6,
+                               hatch="///" if part.kind == "B" and part.split else None))
+        if labels and (x1 - x0) / span > 0.012:
+            dark = part.kind == "B"
+            ax.text((x0 + x1) / 2, y0 + height / 2, str(part.microbatch), ha="center",
+                    va="center", fontsize=7, color="white" if dark else "black")
+
+    for e in timeline.events:
+        y = n - 1 - e.rank
+        if e.op.kind == "FB":
+            box(e.start, e.end, y + 0.5, 0.45, e.op.forward)
+            box(e.start, e.end, y + 0.05, 0.45, e.op.backward)
+            ax.add_patch(Rectangle((e.start, y + 0.05), e.end - e.start, 0.9, fill=False,
+                                   edgecolor="black", linewidth=1.2))
+        else:
+            box(e.start, e.end, y + 0.05, 0.9, e.op)
+    ax.set_xlim(0, span)
+    ax.set_ylim(0, n)
+    ax.set_yticks([n - 1 - r + 0.5 for r in range(n)], [f"rank {r}" for r in range(n)])
+    ax.set_xlabel("time")
+    ax.set_title(title or f"{schedule.name}: {n} ranks, {schedule.n_microbatches} "
+                 f"micro-batches, makespan {timeline.makespan:.4g}")
+    handles = [Patch(facecolor=_PIPE_COLORS[("F", 0)], label="F (direction 0)"),
+               Patch(facecolor=_PIPE_COLORS[("B", 0)], label="B (direction 0)"),
+               Patch(facecolor="white", edgecolor="grey", hatch="///",
+                     label="B, input gradient only"),
+               Patch(facecolor=_PIPE_COLORS[("W", 0)], label="W (weights)"),
+               Patch(facecolor="white", edgecolor="black", linewidth=1.2,
+                     label="overlapped F&B pair")]
+    if any(e.op.direction == 1 or (e.op.kind == "FB" and e.op.backward.direction == 1)
+           for e in timeline.events):
+        handles[2:2] = [Patch(facecolor=_PIPE_COLORS[("F", 1)], label="F (direction 1)"),
+                        Patch(facecolor=_PIPE_COLORS[("B", 1)], label="B (direction 1)")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+              frameon=False)
+    fig.tight_layout()
+    return fig
