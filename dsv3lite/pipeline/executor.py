@@ -543,7 +543,10 @@ def _failure_message(procs, workdir: str, failed: Optional[int], timeout_s: floa
     err_path = os.path.join(workdir, f"rank{failed}.err")
     err = open(err_path).read().strip() if os.path.exists(err_path) else "no traceback"
     last_line = err.splitlines()[-1] if err else ""
-    return (f"pipeline rank {failed} failed at op {last_op(failed)}: {last_line}\n"
+    others = [r for r, p in enumerate(procs) if p.is_alive()]
+    waiting = ("; still running: " + ", ".join(f"rank {r} (at op {last_op(r)})"
+                                              for r in others)) if others else ""
+    return (f"pipeline rank {failed} failed at op {last_op(failed)}: {last_line}{waiting}\n"
             f"--- rank {failed} traceback ---\n{err}")
 
 

@@ -1,0 +1,163 @@
+"""The same stage modules under PyTorch's own schedules: ``torch.distributed.pipelining``.
+
+:mod:`.executor` runs our op lists with our own send/recv code. A bug shared by our
+schedule builder and our executor (a micro-batch sent to the wrong stage, a stale
+balance slot, a loss computed on the wrong tokens) could let both agree with themselves.
+This module runs the *same* :class:`~dsv3lite.pipeline.executor.PipelineStage` modules
+under code we did not write, PyTorch's ``Schedule1F1B`` and ``ScheduleDualPipeV``, and
+returns each micro-batch's loss, which must equal the single-process loss.
+
+How the pieces map onto torch's API:
+
+- each of our stages is wrapped, unchanged, in ``torch.distributed.pipelining``'s
+  ``PipelineStage``; rank r holds stage r (1F1B), or stages r and 2R-1-r (DualPipeV);
+- the last stage's loss is our :meth:`PipelineStage.criterion`: it needs the micro-batch's
+  token ids (the MTP module embeds ``tokens[:, 1:]``) besides the targets, so the
+  schedule's ``target`` packs both, ``(batch, 2, seq_len)``; torch splits it along dim 0
+  into micro-batches exactly as it splits the first stage's input;
+- every stage is given example inputs and outputs (from a forward of micro-batch 0 on a
+  scratch copy of the model), so torch runs in its STATIC metadata mode: it runs no
+  shape-inference forward on uninitialized buffers and leaves the model's MoE counts alone;
+- ``scale_grads=False``, as our loss is a sum over micro-batches; torch returns the
+  ``loss_fn`` outputs unscaled in ``losses`` either way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .executor import PipelineStage, check_args, make_microbatches, make_model
+from .schedules import build_schedule
+
+__all__ = ["TORCH_SCHEDULES", "torch_pipelining_losses"]
+
+TORCH_SCHEDULES = ("1f1b", "dualpipev")
+
+
+def _stage_examples(args, seed: int, n_stages: int, tokens: torch.Tensor) -> list:
+    """(inputs, outputs) of every stage for ``tokens``, run on a scratch model, with the
+    ``requires_grad`` each carried tensor has at run time (the first stage's all-zero
+    balance vector has none)."""
+    model = make_model(args, seed)
+    inputs, examples = (tokens,), []
+    for s in range(n_stages):
+        outputs = PipelineStage(model, s, n_stages)(*inputs)
+        outputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in outputs)
+        examples.append((inputs, outputs))
+        inputs = outputs
+    return examples
+
+
+def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
+            workdir: str, timeout_s: float) -> None:
+    """One rank: build the model, wrap its stages, run one ``step`` of torch's schedule."""
+    from torch.distributed.pipelining import PipelineStage as TorchStage
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleDualPipeV
+
+    try:
+        torch.set_num_threads(1)  # as reference_step: the same kernels, the same sums
+        dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous",
+                                rank=rank, world_size=n_ranks,
+                                timeout=timedelta(seconds=timeout_s))
+        n_stages = 2 * n_ranks if name == "dualpipev" else n_ranks
+        held = sorted({rank, n_stages - 1 - rank}) if name == "dualpipev" else [rank]
+        args = check_args(n_stages, 0)
+        microbatches = make_microbatches(args, n_microbatches, seed=seed)
+        examples = _stage_examples(args, seed, n_stages, microbatches[0][0])
+        model = make_model(args, seed)
+        ours = {s: PipelineStage(model, s, n_stages) for s in held}
+        stages = [TorchStage(ours[s], s, n_stages, torch.device("cpu"),
+                             input_args=examples[s][0], output_args=examples[s][1])
+                  for s in held]
+
+        def loss_fn(outputs, packed: torch.Tensor) -> torch.Tensor:
+            return ours[n_stages - 1].criterion(outputs, packed[:, 0], packed[:, 1]).total
+
+        if name == "dualpipev":
+            schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn,
+                                         scale_grads=False)
+        else:
+            schedule = Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn,
+                                    scale_grads=False)
+        tokens = torch.cat([t for t, _ in microbatches])
+        packed = torch.stack((tokens, torch.cat([y for _, y in microbatches])), dim=1)
+        has_last, losses = n_stages - 1 in held, []
+        schedule.step(*((tokens,) if 0 in held else ()),
+                      target=packed if has_last else None,
+                      losses=losses if has_last else None)
+        if has_last:
+            torch.save([loss.detach() for loss in losses], os.path.join(workdir, "losses.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(workdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise SystemExit(1)
+
+
+def torch_pipelining_losses(name: str, n_ranks: int, n_microbatches: int, *, seed: int = 0,
+                            timeout_s: float = 120.0) -> list[torch.Tensor]:
+    """Per-micro-batch total losses of one training step under torch's schedule.
+
+    Args:
+        name: ``"1f1b"`` (``Schedule1F1B``, ``n_ranks`` stages) or ``"dualpipev"``
+            (``ScheduleDualPipeV``, ``2 * n_ranks`` stages, two per rank).
+        n_ranks: Processes (gloo, CPU), one per pipeline rank.
+        n_microbatches: Micro-batches of :func:`make_microbatches` (batch 2, length 16);
+            at least the number of stages, as both torch schedules require.
+        seed: Seed of the model (:func:`make_model`) and of the micro-batches.
+        timeout_s: Process-group timeout; the whole call fails after about this long
+            plus start-up.
+
+    Returns:
+        The losses of micro-batches 0..n_microbatches-1, 0-dim tensors, compare them with
+        ``reference_step(make_model(check_args(n_stages, 0), seed), microbatches)``.
+
+    Raises:
+        ValueError: on a bad argument, naming it. RuntimeError: when a rank fails or
+            the step does not finish in time, naming the rank and its error.
+    """
+    if name not in TORCH_SCHEDULES:
+        raise ValueError(f"name={name!r} is invalid: choose one of {', '.join(TORCH_SCHEDULES)}")
+    build_schedule(name, n_ranks, n_microbatches)  # the same limits as torch's: raises
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="dsv3lite-torchpp-") as workdir:
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(r, name, n_ranks, n_microbatches, seed, workdir, timeout_s))
+                 for r in range(n_ranks)]
+        for p in procs:
+            p.start()
+        deadline = time.perf_counter() + timeout_s + 60.0  # start-up (imports)
+        try:
+            while any(p.is_alive() for p in procs) and time.perf_counter() < deadline:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.05)
+            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                err_path = os.path.join(workdir, f"rank{failed[0]}.err")
+                err = open(err_path).read().strip() if os.path.exists(err_path) else ""
+                last = err.splitlines()[-1] if err else f"exit code {procs[failed[0]].exitcode}"
+                raise RuntimeError(f"torch.pipelining {name}: rank {failed[0]} failed: {last}\n"
+                                   f"--- rank {failed[0]} traceback ---\n{err}")
+            stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+            if stuck:
+                raise RuntimeError(f"torch.pipelining {name}: rank(s) "
+                                   f"{', '.join(map(str, stuck))} still running after "
+                                   f"{timeout_s:.0f} s + start-up")
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=10)
+        return torch.load(os.path.join(workdir, "losses.pt"))
