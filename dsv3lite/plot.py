@@ -155,11 +155,12 @@ def plot_timeline(timeline, ax=None, title: Optional[str] = None, labels: bool =
         color = _PIPE_COLORS[(part.kind, part.direction)]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, height, facecolor=color,
                                edgecolor="white", linewidth=0.6,
-                               hatch="///" if part.kind == "B" and part.split else None))
+                               hatch="//" if part.kind == "B" and part.split else None))
         if labels and (x1 - x0) / span > 0.012:
             dark = part.kind == "B"
             ax.text((x0 + x1) / 2, y0 + height / 2, str(part.microbatch), ha="center",
-                    va="center", fontsize=7, color="white" if dark else "black")
+                    va="center", fontsize=7, color="white" if dark else "black",
+                    bbox=dict(facecolor=color, edgecolor="none", pad=0.6))
 
     for e in timeline.events:
         y = n - 1 - e.rank
@@ -178,7 +179,7 @@ def plot_timeline(timeline, ax=None, title: Optional[str] = None, labels: bool =
                  f"micro-batches, makespan {timeline.makespan:.4g}")
     handles = [Patch(facecolor=_PIPE_COLORS[("F", 0)], label="F (direction 0)"),
                Patch(facecolor=_PIPE_COLORS[("B", 0)], label="B (direction 0)"),
-               Patch(facecolor="white", edgecolor="grey", hatch="///",
+               Patch(facecolor="white", edgecolor="grey", hatch="//",
                      label="B, input gradient only"),
                Patch(facecolor=_PIPE_COLORS[("W", 0)], label="W (weights)"),
                Patch(facecolor="white", edgecolor="black", linewidth=1.2,

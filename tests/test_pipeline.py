@@ -11,7 +11,7 @@ import torch
 from dsv3lite.pipeline import (Op, Schedule, build_schedule, cal_diff, check, run_pipeline,
                                simulate, table2, table2_bubble)
 from dsv3lite.pipeline.__main__ import main
-from dsv3lite.pipeline.executor import check_args, make_microbatches, make_model
+from dsv3lite.pipeline.check import check_args, make_microbatches, make_model
 
 # deepseek-ai/DualPipe's step() order, as the issue pins it (fact sheet §6.2).
 DUALPIPE_4x10 = [

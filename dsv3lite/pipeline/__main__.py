@@ -56,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if ns.command == "simulate":
             t = simulate(schedule, ns.F, ns.B, ns.W, ns.FB, ns.comm, ns.p2p)
         else:
-            from .executor import check
+            from .check import check
             if ns.timeout <= 0:
                 raise ValueError(f"timeout={ns.timeout} is invalid: must be > 0 seconds")
             report = check(ns.schedule, ns.ranks, ns.microbatches, timeout_s=ns.timeout)

@@ -8,12 +8,8 @@ list that :func:`~dsv3lite.pipeline.build_schedule` gives it, recording a trace.
 
 What makes it DeepSeek's and not a toy:
 
-- **Zero-bubble W.** Every Linear runs through :class:`_DeferrableLinear`, whose
-  backward computes the input gradient at once and, while :data:`WEIGHT_GRADS` is
-  enabled, stores the weight-gradient GEMM as a closure; a ``W`` op runs the oldest
-  stored group (FIFO), as deepseek-ai/DualPipe's ``WeightGradStore`` does. The other
-  weights (norm gains, the router, the embedding) are small and get their gradients
-  during B.
+- **Zero-bubble W.** Split backwards leave their Linear weight gradients queued in
+  :data:`~dsv3lite.pipeline.stages.WEIGHT_GRADS`; a ``W`` op runs the oldest group.
 - **Embedding, head and MTP on one rank.** In DualPipe and DualPipeV the first and the
   last stage share rank 0, so the embedding and the output head, which the MTP module
   reuses, are one set of weights there ([V3] §3.2.3). In 1F1B they sit on the first and
@@ -41,185 +37,16 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
-from ..config import ModelArgs
-from ..model import LossBreakdown, Transformer
+from ..model import Transformer
 from ..moe import MoE
-from .schedules import Op, Schedule, build_schedule
+from .schedules import Op, Schedule
+from .stages import WEIGHT_GRADS, PipelineStage, build_stages, make_weight_grads_deferrable, \
+    split_layers
 
-__all__ = ["WEIGHT_GRADS", "PipelineStage", "split_layers", "build_stages", "check_args",
-           "PipelineResult", "CheckReport", "run_pipeline", "reference_step", "check",
-           "cal_diff"]
-
-
-# ------------------------------------------------------------ deferred weight gradients
-class WeightGradStore:
-    """Closures computing weight gradients, queued so a later ``W`` op can run them.
-
-    While ``enabled``, a Linear's backward puts its weight-gradient closure here; at the
-    end of a split backward :meth:`flush` closes the group; :meth:`pop` runs the oldest
-    group (the schedules' W ops are FIFO).
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self._open: list = []
-        self._groups: list[list] = []
-
-    def put(self, fn) -> None:
-        self._open.append(fn)
-
-    def flush(self) -> None:
-        self._groups.append(self._open)
-        self._open = []
-
-    def pop(self) -> int:
-        """Run the oldest group; return how many weight gradients it computed."""
-        if not self._groups:
-            raise RuntimeError("a W op found no deferred weight gradient: the schedule "
-                               "runs W before its split B")
-        group = self._groups.pop(0)
-        for fn in group:
-            fn()
-        return len(group)
-
-    def __len__(self) -> int:
-        return len(self._groups)
+__all__ = ["PipelineResult", "run_pipeline"]
 
 
-WEIGHT_GRADS = WeightGradStore()
-
-
-class _LinearFunction(torch.autograd.Function):
-    """y = x Wᵀ whose backward can defer dW = dyᵀ x to a later W op."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-
-        def weight_grad() -> None:
-            with torch.no_grad():  # a deferred W runs outside the backward pass
-                dw = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)
-                weight.grad = dw if weight.grad is None else weight.grad + dw
-
-        if WEIGHT_GRADS.enabled:
-            WEIGHT_GRADS.put(weight_grad)
-        else:
-            weight_grad()
-        return grad_out @ weight, None
-
-
-def _deferrable_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _LinearFunction.apply(x, self.weight)
-
-
-def make_weight_grads_deferrable(model: nn.Module) -> int:
-    """Route every bias-free ``nn.Linear`` of ``model`` through the deferrable function.
-
-    The forward computes the same ``F.linear`` as before, bit for bit. Returns the
-    number of Linears changed.
-    """
-    n = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and module.bias is None:
-            module.forward = _deferrable_forward.__get__(module)
-            n += 1
-    return n
-
-
-# ------------------------------------------------------------------------ the stages
-def split_layers(n_layers: int, n_stages: int) -> list[range]:
-    """Contiguous blocks per stage, as even as possible (extra blocks go to early stages)."""
-    if n_layers < n_stages:
-        raise ValueError(f"n_layers={n_layers} is invalid: a pipeline of {n_stages} stages "
-                         f"needs at least one block per stage (n_layers >= {n_stages})")
-    base, extra = divmod(n_layers, n_stages)
-    bounds = [0]
-    for s in range(n_stages):
-        bounds.append(bounds[-1] + base + (s < extra))
-    return [range(bounds[s], bounds[s + 1]) for s in range(n_stages)]
-
-
-class PipelineStage(nn.Module):
-    """Stage ``index`` of ``n_stages`` of a :class:`~dsv3lite.Transformer`.
-
-    It holds references to the model's own modules (no copy), so two stages on one rank
-    share the embedding and the head when both need them. Input: the token ids (first
-    stage) or the carried tensors; output: the carried tensors, ``(h,)`` or
-    ``(h, balance)`` where ``balance`` holds the sequence-wise balance loss of each main
-    MoE layer so far (zeros for layers not reached yet). The last stage's
-    :meth:`criterion` turns them into the loss parts.
-    """
-
-    def __init__(self, model: Transformer, index: int, n_stages: int):
-        super().__init__()
-        self.model_ref = [model]  # a list, so the model is not registered twice
-        self.index, self.n_stages = index, n_stages
-        self.layer_ids = split_layers(model.args.n_layers, n_stages)[index]
-        self.layers = nn.ModuleList(model.layers[i] for i in self.layer_ids)
-        self.is_first, self.is_last = index == 0, index == n_stages - 1
-        if self.is_first:
-            self.embed = model.embed
-        if self.is_last:
-            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
-        moe_ids = [i for i in range(model.args.n_layers) if isinstance(model.layers[i].ffn, MoE)]
-        self.n_moe = len(moe_ids)
-        self.moe_slots = [(moe_ids.index(i), model.layers[i].ffn) for i in self.layer_ids
-                          if i in moe_ids]
-
-    def carried_shapes(self, batch: int, seq_len: int) -> list[tuple[int, ...]]:
-        """Shapes of the tensors this stage sends on (and receives gradients for)."""
-        shapes = [(batch, seq_len, self.model_ref[0].args.dim)]
-        return shapes + [(self.n_moe,)] if self.n_moe else shapes
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        model = self.model_ref[0]
-        if self.is_first:
-            (tokens,) = inputs
-            h = self.embed(tokens)
-            balance = h.new_zeros(self.n_moe) if self.n_moe else None
-        else:
-            h, balance = inputs[0], (inputs[1] if self.n_moe else None)
-        T = h.shape[1]
-        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-        for i, layer in zip(self.layer_ids, self.layers):
-            h = layer(h, cos, sin)
-        if self.moe_slots and model.training:
-            slots = list(balance.unbind())
-            for slot, moe in self.moe_slots:
-                slots[slot], moe.balance_loss = moe.balance_loss, None
-            balance = torch.stack(slots)
-        return (h,) if balance is None else (h, balance)
-
-    def criterion(self, outputs: tuple[torch.Tensor, ...], tokens: torch.Tensor,
-                  targets: torch.Tensor) -> LossBreakdown:
-        """The last stage's loss: head, MTP and balance, as ``Transformer.forward``."""
-        if not self.is_last:
-            raise RuntimeError(f"stage {self.index} is not the last stage: it has no loss")
-        model = self.model_ref[0]
-        h = outputs[0]
-        if self.n_moe and model.training:
-            main_moes = [model.layers[i].ffn for i in range(model.args.n_layers)
-                         if isinstance(model.layers[i].ffn, MoE)]
-            for moe, loss in zip(main_moes, outputs[1].unbind()):
-                moe.balance_loss = loss
-        logits = self.head(self.norm(h))
-        return model.loss_parts(tokens, targets, logits, h)
-
-
-def build_stages(model: Transformer, schedule: Schedule, rank: int) -> dict[int, PipelineStage]:
-    """The stage modules ``rank`` runs under ``schedule``, keyed by stage index."""
-    return {s: PipelineStage(model, s, schedule.n_stages) for s in schedule.stages_of(rank)}
-
-
-# ------------------------------------------------------------------------- the plan
 @dataclass
 class PipelineResult:
     """What :func:`run_pipeline` returns.
@@ -256,37 +83,6 @@ class PipelineResult:
         busy = [sum(end - start for _, start, end in t) for t in self.trace]
         return Timeline(self.schedule, events, makespan, busy, [makespan - b for b in busy],
                         [], self.schedule.param_copies, {"unit": "seconds"})
-
-
-def check_args(n_stages: int, n_layers: int) -> ModelArgs:
-    """The model :func:`check` uses by default: the tiny preset with one block per stage,
-    one dense block, MTP depth 1, and weights of unit gain (N(0, 1/fan_in)) so that
-    routing and attention are far from uniform."""
-    return ModelArgs.tiny(n_layers=max(n_layers, n_stages), n_dense_layers=1, n_mtp_depth=1)
-
-
-def _unit_gain_(model: Transformer) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, module.weight.shape[1] ** -0.5)
-
-
-def make_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    """A model with unit-gain weights, built identically in every process."""
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    _unit_gain_(model)
-    return model.train()
-
-
-def make_microbatches(args: ModelArgs, n_microbatches: int, batch_size: int = 2,
-                      seq_len: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Random (tokens, targets) micro-batches, the targets the tokens shifted by one."""
-    g = torch.Generator().manual_seed(seed + 1)
-    data = torch.randint(0, args.vocab_size, (n_microbatches, batch_size, seq_len + 1),
-                         generator=g)
-    return [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
 
 
 def _tag(stage: int, batch: int, n_microbatches: int, grad: bool, index: int) -> int:
@@ -548,87 +344,3 @@ def _failure_message(procs, workdir: str, failed: Optional[int], timeout_s: floa
                                               for r in others)) if others else ""
     return (f"pipeline rank {failed} failed at op {last_op(failed)}: {last_line}{waiting}\n"
             f"--- rank {failed} traceback ---\n{err}")
-
-
-# ------------------------------------------------------------- the single-process check
-def reference_step(model: Transformer, microbatches, *, gamma: Optional[float] = None
-                   ) -> PipelineResult:
-    """The same step in one process: each micro-batch forward and backward in turn, then
-    the bias update (on a copy of ``model``). Threads are pinned to 1, like the ranks'."""
-    import copy
-
-    model = copy.deepcopy(model).train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        losses = []
-        for tokens, targets in microbatches:
-            loss = model(tokens, targets).loss
-            loss.total.backward()
-            losses.append({k: v.detach() for k, v in vars(loss).items()})
-    finally:
-        torch.set_num_threads(threads)
-    counts = {n: m.gate.balancer.counts.clone() for n, m in model.named_modules()
-              if isinstance(m, MoE)}
-    model.update_balance_biases(gamma)
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
-             for n, p in model.named_parameters()}
-    biases = {n: m.gate.balancer.bias.clone() for n, m in model.named_modules()
-              if isinstance(m, MoE)}
-    return PipelineResult(losses, grads, biases, counts, [], [])
-
-
-def cal_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """1 − 2⟨x,y⟩ / (‖x‖² + ‖y‖²) in float64: 0 when equal (DualPipe's examples' metric)."""
-    x, y = x.double(), y.double()
-    denominator = float((x * x + y * y).sum())
-    return 0.0 if denominator == 0 else 1.0 - 2.0 * float((x * y).sum()) / denominator
-
-
-@dataclass
-class CheckReport:
-    """The checks of deepseek-ai/DualPipe's examples, against one process."""
-
-    schedule: str
-    ranks: int
-    microbatches: int
-    losses_bitwise_equal: bool
-    max_grad_cal_diff: float
-    trace_matches_schedule: bool
-    biases_equal: bool
-    counts_equal: bool
-    wall_s: float
-    pipeline: Optional[PipelineResult] = field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return (self.losses_bitwise_equal and self.max_grad_cal_diff < 1e-12
-                and self.trace_matches_schedule and self.biases_equal and self.counts_equal)
-
-    def as_dict(self) -> dict:
-        keys = ("schedule", "ranks", "microbatches", "losses_bitwise_equal",
-                "max_grad_cal_diff", "trace_matches_schedule", "biases_equal",
-                "counts_equal", "wall_s")
-        return {k: getattr(self, k) for k in keys} | {"ok": self.ok}
-
-
-def check(name: str, n_ranks: int, n_microbatches: int, *, args: Optional[ModelArgs] = None,
-          batch_size: int = 2, seq_len: int = 16, seed: int = 0,
-          timeout_s: float = 120.0) -> CheckReport:
-    """Run the pipelined step and the single-process step on the same micro-batches and
-    compare: every micro-batch's loss bitwise, every gradient's cosine difference, the
-    trace against the schedule, the expert counts and the biases after the update."""
-    schedule = build_schedule(name, n_ranks, n_microbatches)
-    args = args or check_args(schedule.n_stages, 0)
-    model = make_model(args, seed)
-    microbatches = make_microbatches(args, n_microbatches, batch_size, seq_len, seed)
-    result = run_pipeline(schedule, model, microbatches, timeout_s=timeout_s)
-    ref = reference_step(model, microbatches)
-    losses_equal = all(torch.equal(p[k], r[k]) for p, r in zip(result.losses, ref.losses)
-                       for k in r)
-    diff = max(cal_diff(result.grads[n], g) for n, g in ref.grads.items())
-    trace_ok = [[t[0] for t in rank] for rank in result.trace] == result.orders
-    biases_equal = all(torch.equal(result.biases[n], b) for n, b in ref.biases.items())
-    counts_equal = all(torch.equal(result.counts[n], c) for n, c in ref.counts.items())
-    return CheckReport(name, n_ranks, n_microbatches, losses_equal, diff, trace_ok,
-                       biases_equal, counts_equal, result.wall_s, result)

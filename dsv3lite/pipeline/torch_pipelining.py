@@ -3,7 +3,7 @@
 :mod:`.executor` runs our op lists with our own send/recv code. A bug shared by our
 schedule builder and our executor (a micro-batch sent to the wrong stage, a stale
 balance slot, a loss computed on the wrong tokens) could let both agree with themselves.
-This module runs the *same* :class:`~dsv3lite.pipeline.executor.PipelineStage` modules
+This module runs the *same* :class:`~dsv3lite.pipeline.stages.PipelineStage` modules
 under code we did not write, PyTorch's ``Schedule1F1B`` and ``ScheduleDualPipeV``, and
 returns each micro-batch's loss, which must equal the single-process loss.
 
@@ -33,7 +33,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .executor import PipelineStage, check_args, make_microbatches, make_model
+from .check import check_args, make_microbatches, make_model
+from .stages import PipelineStage
 from .schedules import build_schedule
 
 __all__ = ["TORCH_SCHEDULES", "torch_pipelining_losses"]
@@ -143,17 +144,18 @@ def torch_pipelining_losses(name: str, n_ranks: int, n_microbatches: int, *, see
                     break
                 time.sleep(0.05)
             failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            stuck = ", ".join(str(r) for r, p in enumerate(procs) if p.is_alive())
             if failed:
-                err_path = os.path.join(workdir, f"rank{failed[0]}.err")
+                r = failed[0]  # a peer's timeout may be the symptom: name who still runs
+                err_path = os.path.join(workdir, f"rank{r}.err")
                 err = open(err_path).read().strip() if os.path.exists(err_path) else ""
-                last = err.splitlines()[-1] if err else f"exit code {procs[failed[0]].exitcode}"
-                raise RuntimeError(f"torch.pipelining {name}: rank {failed[0]} failed: {last}\n"
-                                   f"--- rank {failed[0]} traceback ---\n{err}")
-            stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+                last = err.splitlines()[-1] if err else f"exit code {procs[r].exitcode}"
+                raise RuntimeError(f"torch.pipelining {name}: rank {r} failed: {last}"
+                                   + (f" (rank(s) {stuck} still running)" if stuck else "")
+                                   + f"\n--- rank {r} traceback ---\n{err}")
             if stuck:
-                raise RuntimeError(f"torch.pipelining {name}: rank(s) "
-                                   f"{', '.join(map(str, stuck))} still running after "
-                                   f"{timeout_s:.0f} s + start-up")
+                raise RuntimeError(f"torch.pipelining {name}: rank(s) {stuck} still running "
+                                   f"after {timeout_s:.0f} s + start-up")
         finally:
             for p in procs:
                 if p.is_alive():

@@ -1,0 +1,194 @@
+"""A dsv3lite model cut into pipeline stages, and weight gradients that can wait.
+
+:class:`PipelineStage` is stage ``index`` of a :class:`~dsv3lite.Transformer`: the
+embedding and the first blocks; middle blocks; or the last blocks, the final norm, the
+head, the MTP modules and the loss. It holds references to the model's own modules, so
+two stages on one rank share the embedding and the head, as [V3] §3.2.3 places them.
+
+Zero-bubble schedules split a backward into B (input gradients, which the previous
+stage waits for) and W (weight gradients, which nobody waits for) ([ZB]; fact sheet
+§6.2). :func:`make_weight_grads_deferrable` routes every Linear through
+:class:`_LinearFunction`, whose backward returns the input gradient at once and, while
+:data:`WEIGHT_GRADS` is enabled, queues the weight-gradient GEMM as a closure; a ``W``
+op runs the oldest queued group (FIFO), as deepseek-ai/DualPipe's ``WeightGradStore``
+does. The other weights (norm gains, the router, the embedding) are small and get their
+gradients during B.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import LossBreakdown, Transformer
+from ..moe import MoE
+from .schedules import Schedule
+
+__all__ = ["WEIGHT_GRADS", "WeightGradStore", "make_weight_grads_deferrable", "split_layers",
+           "PipelineStage", "build_stages"]
+
+
+# ------------------------------------------------------------ deferred weight gradients
+class WeightGradStore:
+    """Closures computing weight gradients, queued so a later ``W`` op can run them.
+
+    While ``enabled``, a Linear's backward puts its weight-gradient closure here; at the
+    end of a split backward :meth:`flush` closes the group; :meth:`pop` runs the oldest
+    group (the schedules' W ops are FIFO).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._open: list = []
+        self._groups: list[list] = []
+
+    def put(self, fn) -> None:
+        self._open.append(fn)
+
+    def flush(self) -> None:
+        self._groups.append(self._open)
+        self._open = []
+
+    def pop(self) -> int:
+        """Run the oldest group; return how many weight gradients it computed."""
+        if not self._groups:
+            raise RuntimeError("a W op found no deferred weight gradient: the schedule "
+                               "runs W before its split B")
+        group = self._groups.pop(0)
+        for fn in group:
+            fn()
+        return len(group)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+WEIGHT_GRADS = WeightGradStore()
+
+
+class _LinearFunction(torch.autograd.Function):
+    """y = x Wᵀ whose backward can defer dW = dyᵀ x to a later W op."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+
+        def weight_grad() -> None:
+            with torch.no_grad():  # a deferred W runs outside the backward pass
+                dw = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)
+                weight.grad = dw if weight.grad is None else weight.grad + dw
+
+        if WEIGHT_GRADS.enabled:
+            WEIGHT_GRADS.put(weight_grad)
+        else:
+            weight_grad()
+        return grad_out @ weight, None
+
+
+def _deferrable_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _LinearFunction.apply(x, self.weight)
+
+
+def make_weight_grads_deferrable(model: nn.Module) -> int:
+    """Route every bias-free ``nn.Linear`` of ``model`` through the deferrable function.
+
+    The forward computes the same ``F.linear`` as before, bit for bit. Returns the
+    number of Linears changed.
+    """
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.bias is None:
+            module.forward = _deferrable_forward.__get__(module)
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------ the stages
+def split_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous blocks per stage, as even as possible (extra blocks go to early stages)."""
+    if n_layers < n_stages:
+        raise ValueError(f"n_layers={n_layers} is invalid: a pipeline of {n_stages} stages "
+                         f"needs at least one block per stage (n_layers >= {n_stages})")
+    base, extra = divmod(n_layers, n_stages)
+    bounds = [0]
+    for s in range(n_stages):
+        bounds.append(bounds[-1] + base + (s < extra))
+    return [range(bounds[s], bounds[s + 1]) for s in range(n_stages)]
+
+
+class PipelineStage(nn.Module):
+    """Stage ``index`` of ``n_stages`` of a :class:`~dsv3lite.Transformer`.
+
+    It holds references to the model's own modules (no copy), so two stages on one rank
+    share the embedding and the head when both need them. Input: the token ids (first
+    stage) or the carried tensors; output: the carried tensors, ``(h,)`` or
+    ``(h, balance)`` where ``balance`` holds the sequence-wise balance loss of each main
+    MoE layer so far (zeros for layers not reached yet). The last stage's
+    :meth:`criterion` turns them into the loss parts.
+    """
+
+    def __init__(self, model: Transformer, index: int, n_stages: int):
+        super().__init__()
+        self.model_ref = [model]  # a list, so the model is not registered twice
+        self.index, self.n_stages = index, n_stages
+        self.layer_ids = split_layers(model.args.n_layers, n_stages)[index]
+        self.layers = nn.ModuleList(model.layers[i] for i in self.layer_ids)
+        self.is_first, self.is_last = index == 0, index == n_stages - 1
+        if self.is_first:
+            self.embed = model.embed
+        if self.is_last:
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+        moe_ids = [i for i in range(model.args.n_layers) if isinstance(model.layers[i].ffn, MoE)]
+        self.n_moe = len(moe_ids)
+        self.moe_slots = [(moe_ids.index(i), model.layers[i].ffn) for i in self.layer_ids
+                          if i in moe_ids]
+
+    def carried_shapes(self, batch: int, seq_len: int) -> list[tuple[int, ...]]:
+        """Shapes of the tensors this stage sends on (and receives gradients for)."""
+        shapes = [(batch, seq_len, self.model_ref[0].args.dim)]
+        return shapes + [(self.n_moe,)] if self.n_moe else shapes
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model_ref[0]
+        if self.is_first:
+            (tokens,) = inputs
+            h = self.embed(tokens)
+            balance = h.new_zeros(self.n_moe) if self.n_moe else None
+        else:
+            h, balance = inputs[0], (inputs[1] if self.n_moe else None)
+        T = h.shape[1]
+        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+        for i, layer in zip(self.layer_ids, self.layers):
+            h = layer(h, cos, sin)
+        if self.moe_slots and model.training:
+            slots = list(balance.unbind())
+            for slot, moe in self.moe_slots:
+                slots[slot], moe.balance_loss = moe.balance_loss, None
+            balance = torch.stack(slots)
+        return (h,) if balance is None else (h, balance)
+
+    def criterion(self, outputs: tuple[torch.Tensor, ...], tokens: torch.Tensor,
+                  targets: torch.Tensor) -> LossBreakdown:
+        """The last stage's loss: head, MTP and balance, as ``Transformer.forward``."""
+        if not self.is_last:
+            raise RuntimeError(f"stage {self.index} is not the last stage: it has no loss")
+        model = self.model_ref[0]
+        h = outputs[0]
+        if self.n_moe and model.training:
+            main_moes = [model.layers[i].ffn for i in range(model.args.n_layers)
+                         if isinstance(model.layers[i].ffn, MoE)]
+            for moe, loss in zip(main_moes, outputs[1].unbind()):
+                moe.balance_loss = loss
+        logits = self.head(self.norm(h))
+        return model.loss_parts(tokens, targets, logits, h)
+
+
+def build_stages(model: Transformer, schedule: Schedule, rank: int) -> dict[int, PipelineStage]:
+    """The stage modules ``rank`` runs under ``schedule``, keyed by stage index."""
+    return {s: PipelineStage(model, s, schedule.n_stages) for s in schedule.stages_of(rank)}
