@@ -44,7 +44,7 @@ from .schedules import Op, Schedule
 from .stages import WEIGHT_GRADS, PipelineStage, build_stages, make_weight_grads_deferrable, \
     split_layers
 
-__all__ = ["PipelineResult", "run_pipeline"]
+__all__ = ["PipelineResult", "run_pipeline", "run_ranks"]
 
 
 @dataclass
@@ -280,40 +280,13 @@ def run_pipeline(schedule: Schedule, model: Transformer,
         raise ValueError("model.args.fp8=True is not supported by the pipeline executor: "
                          "its W deferral wraps plain nn.Linear layers")
     split_layers(model.args.n_layers, schedule.n_stages)  # raises if too few blocks
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     world = schedule.n_ranks
     with tempfile.TemporaryDirectory(prefix="dsv3lite-pipeline-") as workdir:
         torch.save({"args": model.args, "state": model.state_dict(), "schedule": schedule,
                     "microbatches": microbatches, "gamma": gamma, "fault": fault},
                    os.path.join(workdir, "plan.pt"))
-        procs = [ctx.Process(target=_worker_main, args=(r, world, workdir, timeout_s),
-                             daemon=True) for r in range(world)]
-        start = time.perf_counter()
-        for p in procs:
-            p.start()
-        deadline = start + timeout_s + 60.0  # start-up (imports) on a slow machine
-        try:
-            failed = None
-            while any(p.is_alive() for p in procs):
-                failed = next((r for r, p in enumerate(procs)
-                               if p.exitcode not in (None, 0)), None)
-                if failed is not None or time.perf_counter() > deadline:
-                    break
-                time.sleep(0.05)
-            if failed is None:
-                failed = next((r for r, p in enumerate(procs) if p.exitcode not in (None, 0)),
-                              None)
-            if failed is not None or any(p.is_alive() for p in procs):
-                raise RuntimeError(_failure_message(procs, workdir, failed, timeout_s))
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-            for p in procs:
-                p.join(timeout=10)
-        wall = time.perf_counter() - start
+        wall = run_ranks(_worker_main, world, workdir, timeout_s,
+                         (world, workdir, timeout_s), label="pipeline")
         outs = [torch.load(os.path.join(workdir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]
     losses: dict[int, dict] = {}
@@ -327,20 +300,59 @@ def run_pipeline(schedule: Schedule, model: Transformer,
                           [out["weight_grads_per_w"] for out in outs])
 
 
-def _failure_message(procs, workdir: str, failed: Optional[int], timeout_s: float) -> str:
-    def last_op(r: int) -> str:
-        path = os.path.join(workdir, f"rank{r}.progress")
-        return open(path).read() if os.path.exists(path) else "(before its first op)"
+def run_ranks(target, world: int, workdir: str, timeout_s: float, args: tuple = (),
+              label: str = "pipeline") -> float:
+    """Run ``target(rank, *args)`` in ``world`` spawned processes and wait for them all.
 
+    A rank that raises must write its traceback to ``workdir/rank{r}.err`` and exit
+    non-zero; one that writes ``workdir/rank{r}.progress`` gets its last op named. The
+    first failure, or ``timeout_s`` plus a minute of start-up, stops every process.
+
+    Returns:
+        The wall-clock seconds the ranks took.
+
+    Raises:
+        RuntimeError: naming the failed rank, its last op and its error, and the ranks
+            still running (a peer's timeout is often the symptom, not the cause).
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args), daemon=True) for r in range(world)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    deadline = start + timeout_s + 60.0  # start-up (imports) on a slow machine
+    try:
+        while any(p.is_alive() for p in procs) and time.perf_counter() < deadline:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+            time.sleep(0.05)
+        failed = next((r for r, p in enumerate(procs) if p.exitcode not in (None, 0)), None)
+        if failed is not None or any(p.is_alive() for p in procs):
+            raise RuntimeError(_failure_message(procs, workdir, failed, timeout_s, label))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=10)
+    return time.perf_counter() - start
+
+
+def _failure_message(procs, workdir: str, failed: Optional[int], timeout_s: float,
+                     label: str) -> str:
+    def where(r: int) -> str:
+        path = os.path.join(workdir, f"rank{r}.progress")
+        return f" (at op {open(path).read()})" if os.path.exists(path) else ""
+
+    running = ", ".join(f"rank {r}{where(r)}" for r, p in enumerate(procs) if p.is_alive())
     if failed is None:
-        stuck = [r for r, p in enumerate(procs) if p.is_alive()]
-        return (f"pipeline step timed out after {timeout_s:.0f} s + start-up: rank(s) "
-                + ", ".join(f"{r} (at op {last_op(r)})" for r in stuck) + " still running")
+        return (f"{label} step timed out after {timeout_s:.0f} s + start-up: "
+                f"{running} still running")
     err_path = os.path.join(workdir, f"rank{failed}.err")
-    err = open(err_path).read().strip() if os.path.exists(err_path) else "no traceback"
-    last_line = err.splitlines()[-1] if err else ""
-    others = [r for r, p in enumerate(procs) if p.is_alive()]
-    waiting = ("; still running: " + ", ".join(f"rank {r} (at op {last_op(r)})"
-                                              for r in others)) if others else ""
-    return (f"pipeline rank {failed} failed at op {last_op(failed)}: {last_line}{waiting}\n"
+    err = open(err_path).read().strip() if os.path.exists(err_path) else ""
+    last_line = err.splitlines()[-1] if err else f"exit code {procs[failed].exitcode}"
+    waiting = f"; still running: {running}" if running else ""
+    return (f"{label} rank {failed} failed{where(failed)}: {last_line}{waiting}\n"
             f"--- rank {failed} traceback ---\n{err}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import traceback
 from datetime import timedelta
 
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .check import check_args, make_microbatches, make_model
+from .executor import run_ranks
 from .stages import PipelineStage
 from .schedules import build_schedule
 
@@ -128,38 +128,8 @@ def torch_pipelining_losses(name: str, n_ranks: int, n_microbatches: int, *, see
     if name not in TORCH_SCHEDULES:
         raise ValueError(f"name={name!r} is invalid: choose one of {', '.join(TORCH_SCHEDULES)}")
     build_schedule(name, n_ranks, n_microbatches)  # the same limits as torch's: raises
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="dsv3lite-torchpp-") as workdir:
-        procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(r, name, n_ranks, n_microbatches, seed, workdir, timeout_s))
-                 for r in range(n_ranks)]
-        for p in procs:
-            p.start()
-        deadline = time.perf_counter() + timeout_s + 60.0  # start-up (imports)
-        try:
-            while any(p.is_alive() for p in procs) and time.perf_counter() < deadline:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.05)
-            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            stuck = ", ".join(str(r) for r, p in enumerate(procs) if p.is_alive())
-            if failed:
-                r = failed[0]  # a peer's timeout may be the symptom: name who still runs
-                err_path = os.path.join(workdir, f"rank{r}.err")
-                err = open(err_path).read().strip() if os.path.exists(err_path) else ""
-                last = err.splitlines()[-1] if err else f"exit code {procs[r].exitcode}"
-                raise RuntimeError(f"torch.pipelining {name}: rank {r} failed: {last}"
-                                   + (f" (rank(s) {stuck} still running)" if stuck else "")
-                                   + f"\n--- rank {r} traceback ---\n{err}")
-            if stuck:
-                raise RuntimeError(f"torch.pipelining {name}: rank(s) {stuck} still running "
-                                   f"after {timeout_s:.0f} s + start-up")
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-            for p in procs:
-                p.join(timeout=10)
+        run_ranks(_worker, n_ranks, workdir, timeout_s,
+                  (name, n_ranks, n_microbatches, seed, workdir, timeout_s),
+                  label=f"torch.pipelining {name}")
         return torch.load(os.path.join(workdir, "losses.pt"))
