@@ -13,7 +13,7 @@ never negative and unbiased (Schulman's "k3").
 
 How the per-token terms become one number is where implementations differ. We follow
 TRL's ``GRPOTrainer`` definitions for token-level importance sampling without gradient
-accumulation ([TRL] ``_compute_loss``; fact sheet §7.3):
+accumulation ([TRL] ``grpo_trainer.py``, ``_compute_loss``):
 
 - ``"grpo"``: each sequence's mean over its tokens, then the mean over sequences
   (DeepSeekMath's 1/G Σ_i 1/|o_i| Σ_t); it weights a token of a short answer more;

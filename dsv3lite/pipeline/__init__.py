@@ -1,4 +1,4 @@
-"""DualPipe and the pipeline schedules it improves on ([V3] §3.2.1, Table 2; fact sheet §6).
+"""DualPipe and the pipeline schedules it improves on ([V3] §3.2.1, Table 2).
 
 Pipeline parallelism puts consecutive stages of the model on different devices and
 streams micro-batches through them. The question is the order of the work:

@@ -5,7 +5,7 @@ through one process (each micro-batch forward and backward in turn). Then every
 micro-batch's loss must be equal **bitwise**, every gradient within a cosine difference
 1 − 2⟨x,y⟩/(‖x‖²+‖y‖²) < 1e-12 (only the order of the sums differs), the rank traces
 equal to the schedule's op lists, and the expert counts and the balancing biases after
-the update equal exactly (fact sheet §6.3).
+the update equal exactly (deepseek-ai/DualPipe ``examples/``).
 """
 
 from __future__ import annotations

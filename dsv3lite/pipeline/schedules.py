@@ -16,7 +16,7 @@ Four schedules are built here: ``1f1b``, ``zb1p`` (ZB-H1), ``dualpipe`` and
 ``dualpipev``. The two DualPipe orders follow the eight phases of
 deepseek-ai/DualPipe's ``step()`` op for op, including the middle ranks' unpaired first
 main-phase step, the parity-dependent start of W deferral in phase 6 and the FIFO
-order of deferred W (fact sheet §6.2).
+order of deferred W (deepseek-ai/DualPipe ``dualpipe/dualpipe.py``).
 
 Directions: DualPipe feeds the first half of the micro-batches at rank 0 (direction 0)
 and the second half at the last rank (direction 1). DualPipeV sends every micro-batch

@@ -6,8 +6,8 @@ head, the MTP modules and the loss. It holds references to the model's own modul
 two stages on one rank share the embedding and the head, as [V3] §3.2.3 places them.
 
 Zero-bubble schedules split a backward into B (input gradients, which the previous
-stage waits for) and W (weight gradients, which nobody waits for) ([ZB]; fact sheet
-§6.2). :func:`make_weight_grads_deferrable` routes every Linear through
+stage waits for) and W (weight gradients, which nobody waits for) ([ZB], Qi et al.
+2023). :func:`make_weight_grads_deferrable` routes every Linear through
 :class:`_LinearFunction`, whose backward returns the input gradient at once and, while
 :data:`WEIGHT_GRADS` is enabled, queues the weight-gradient GEMM as a closure; a ``W``
 op runs the oldest queued group (FIFO), as deepseek-ai/DualPipe's ``WeightGradStore``
