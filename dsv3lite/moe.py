@@ -20,8 +20,6 @@ it ([V3] Eqs. 17-20, §4.2).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,13 +198,6 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        # nn.Linear's default init, expert by expert: the random stream then advances as
-        # it did with one Linear per expert, so a seeded model is the same model as before
-        # (Transformer.reset_parameters then draws the real init, in the same order).
-        with torch.no_grad():
-            for e in range(n_experts):
-                for w in (self.w1, self.w2, self.w3):
-                    nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
         self.register_load_state_dict_pre_hook(GroupedExperts._stack_per_expert_keys)
 
     @staticmethod

@@ -101,16 +101,14 @@ def _weight_dequant_kernel(q_ptr, s_ptr, y_ptr, N, K, stride_qn, stride_qk, stri
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET, K_BUCKET,
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET,
                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                      stride_asm, stride_ask, stride_bsn, stride_bsk,
                      B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """c[M, N] = sum over K-blocks of (a_blk @ b_blk^T) * a_s[m, k] * b_s[n // B_SCALE_ROWS, k].
 
-    ``M_BUCKET`` and ``K_BUCKET`` (the next powers of 2 of M and K, capped) are only
-    autotuning keys: a Wgrad GEMM's K is the token count, which changes every step in
-    an MoE layer, and a raw K in the key would re-tune on every new value.
+    ``M_BUCKET`` (the next power of 2 of M) is only an autotuning key.
     """
     # Grouped launch order: GROUP_M row-tiles share their b columns while in L2.
     pid = tl.program_id(0)
@@ -151,13 +149,12 @@ _GEMM_CONFIGS = [
                                   (64, 128, 4, 4), (64, 128, 5, 4), (128, 64, 4, 4),
                                   (64, 64, 4, 4), (32, 128, 4, 4), (16, 64, 4, 4)]
 ]
-# Token counts never enter the key raw (see _fp8_gemm_kernel): M and K are bucketed.
-_GEMM_AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "B_SCALE_ROWS"]
 if INTERPRET:  # the interpreter cannot autotune: one fixed, modest tile
     _fp8_gemm = _fp8_gemm_kernel
     _GEMM_FIXED = dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8)
 else:
-    _fp8_gemm = triton.autotune(_GEMM_CONFIGS, key=_GEMM_AUTOTUNE_KEY)(_fp8_gemm_kernel)
+    _fp8_gemm = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "B_SCALE_ROWS"])(
+        _fp8_gemm_kernel)
     _GEMM_FIXED = {}
 _QUANT_ROWS = 64  # rows (1x128 tiles) per quantization program
 
@@ -233,7 +230,6 @@ def fp8_gemm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fp8_gemm[grid](a2, b, c, a_s2, b_s, M, N, K, min(triton.next_power_of_2(M), 8192),
-                    min(triton.next_power_of_2(K), 16384),
                     a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), c.stride(0),
                     c.stride(1), a_s2.stride(0), a_s2.stride(1), b_s.stride(0), b_s.stride(1),
                     B_SCALE_ROWS=b_scale_rows, BLOCK_K=BLOCK_SIZE, **_GEMM_FIXED)
