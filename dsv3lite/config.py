@@ -207,24 +207,6 @@ class ModelArgs:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def h100_1b(cls, **overrides) -> "ModelArgs":
-        """About 1B parameters at d_model 2048, for one 80 GB H100 in BF16 or FP8.
-
-        Counted by :func:`~dsv3lite.count_params`: 0.99B in the main model (0.37B
-        activated per token: 4 of 32 routed experts plus one shared), and 0.12B more in
-        the MTP module. Weights, gradients and AdamW's two moments in FP32 take
-        16 bytes per parameter, about 18 GB; activations come on top and grow with
-        batch × sequence length (``benchmarks/train.py`` reports the peak).
-        """
-        base = dict(vocab_size=32768, dim=2048, inter_dim=5632, moe_inter_dim=512,
-                    n_layers=8, n_dense_layers=1, n_heads=16,
-                    q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128,
-                    qk_rope_head_dim=64, v_head_dim=128,
-                    n_routed_experts=32, n_shared_experts=1, n_activated_experts=4,
-                    n_expert_groups=4, n_limited_groups=2, max_seq_len=2048)
-        return cls(**{**base, **overrides})
-
-    @classmethod
     def deepseek_v3(cls, **overrides) -> "ModelArgs":
         """DeepSeek-V3 671B (``config_671B.json``; [V3] §4.2-4.3). Never allocate it."""
         base = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,

@@ -48,8 +48,7 @@ def _tiny_for_training(**overrides) -> ModelArgs:
     return ModelArgs.tiny(**{"vocab_size": 512, **overrides})
 
 
-PRESETS = {"tiny": _tiny_for_training, "small": ModelArgs.small, "h100": ModelArgs.h100,
-           "h100_1b": ModelArgs.h100_1b}
+PRESETS = {"tiny": _tiny_for_training, "small": ModelArgs.small, "h100": ModelArgs.h100}
 
 # Dense bf16 peak FLOP/s, for MFU (datasheet numbers).
 _BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
@@ -61,7 +60,7 @@ class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint).
 
     Attributes:
-        preset: Model preset: "tiny", "small", "h100" or "h100_1b".
+        preset: Model preset: "tiny", "small" or "h100".
         steps: Optimizer steps of the whole run (schedules are scaled to it).
         out: Run folder for metrics.jsonl and checkpoints.
         corpus: "shakespeare", "stdlib" or a folder of .txt files.
@@ -219,8 +218,7 @@ def _optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda  # one kernel for all parameters on a GPU
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -349,7 +347,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3lite.train",
                                      description="Train a dsv3lite model on text.")
     defaults = TrainConfig()
-    parser.add_argument("--preset", default=defaults.preset, help="tiny, small, h100 or h100_1b")
+    parser.add_argument("--preset", default=defaults.preset, help="tiny, small or h100")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--corpus", default=defaults.corpus,
