@@ -96,23 +96,21 @@ class Transformer(nn.Module):
         """Every MoE layer, the MTP blocks' included, in order."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def update_balance_biases(self, gamma: Optional[float] = None,
-                              sync: bool = True) -> list:
+    def update_balance_biases(self, gamma: Optional[float] = None) -> list[float]:
         """Apply the bias update to every MoE layer after an optimizer step.
 
         Args:
             gamma: Bias update speed γ (default ``args.bias_update_speed``).
-            sync: Return floats (True) or 0-dim device tensors, read nothing back (False).
 
         Returns:
             MaxVio of each MoE layer over the step's tokens.
         """
         gamma = self.args.bias_update_speed if gamma is None else gamma
-        return [moe.gate.balancer.update(gamma, sync) for moe in self.moe_layers()]
+        return [moe.gate.balancer.update(gamma) for moe in self.moe_layers()]
 
     def expert_counts(self) -> torch.Tensor:
         """(n_moe_layers, n_routed_experts) tokens per expert in the last updated step."""
-        return torch.stack([m.gate.balancer.last_counts.cpu() for m in self.moe_layers()])
+        return torch.stack([m.gate.balancer.last_counts for m in self.moe_layers()])
 
     def drop_mtp(self) -> "Transformer":
         """Remove the MTP modules (inference does not need them); returns self."""

@@ -88,27 +88,19 @@ class BiasBalancer(nn.Module):
         self.counts += counts.to(self.counts)
 
     @torch.no_grad()
-    def update(self, gamma: float, sync: bool = True) -> float | torch.Tensor:
+    def update(self, gamma: float) -> float:
         """Apply the sign rule with speed ``gamma``; return the step's MaxVio.
 
         Overloaded experts (count above the mean) lose γ, underloaded ones gain γ.
-        Experts exactly at the mean are left alone. With ``sync=False`` nothing is read
-        back to the host: MaxVio is returned as a 0-dim tensor on the bias's device and
-        ``last_counts`` stays there too (a training loop reads them when it logs).
+        Experts exactly at the mean are left alone.
         """
         if gamma < 0:
             raise ValueError(f"gamma={gamma} is invalid: the bias update speed must be >= 0")
         counts = self.counts.clone()
         self.bias += gamma * torch.sign(counts.mean() - counts)
-        self.counts.zero_()
-        mean = counts.mean()
-        vio = torch.where(mean > 0, (counts.max() - mean) / mean.clamp(min=1e-30),
-                          torch.zeros_like(mean))  # max_violation without a branch
-        if not sync:
-            self.last_counts = counts
-            return vio
         self.last_counts = counts.cpu()
-        return float(vio)
+        self.counts.zero_()
+        return max_violation(counts)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int,
@@ -275,7 +267,7 @@ class MoE(nn.Module):
         token_of = order // self.top_k
         routed_out = self.experts(flat[token_of], counts)
         weighted = routed_out * gates.flatten()[order].unsqueeze(-1).to(routed_out.dtype)
-        out = torch.zeros_like(flat, dtype=weighted.dtype).index_add_(0, token_of, weighted)
+        out = torch.zeros_like(flat).index_add_(0, token_of, weighted)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(B, T, dim)

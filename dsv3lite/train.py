@@ -297,12 +297,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        # after the optimizer step; nothing is read back to the host until a log step
-        max_vio = model.update_balance_biases(gamma, sync=False)
+        max_vio = model.update_balance_biases(gamma)  # after the optimizer step
         tokens_seen += x.numel()
         tok_window += x.numel()
         for k in ("main", "mtp", "balance", "total"):
-            window[k] = window[k] + getattr(loss, k).detach().float()
+            window[k] += getattr(loss, k).item()
         window["n"] += 1
         done = step + 1
         eval_now = done % cfg.eval_interval == 0 or done == end
@@ -312,10 +311,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             seconds = time.perf_counter() - t_window
             record = {"step": done, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam,
                       "gamma": gamma,
-                      "train": {k: float(window[k]) / window["n"] for k in
+                      "train": {k: window[k] / window["n"] for k in
                                 ("main", "mtp", "balance", "total")},
-                      "tokens_per_s": tok_window / seconds,
-                      "max_vio": [float(v) for v in max_vio]}
+                      "tokens_per_s": tok_window / seconds, "max_vio": max_vio}
             if peak:
                 record["mfu"] = tok_window / seconds * fpt / peak
             if eval_now:
