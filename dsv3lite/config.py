@@ -58,9 +58,6 @@ class ModelArgs:
         norm_eps: RMSNorm epsilon.
         init_std: Standard deviation of the normal initialisation (0.006 in V3).
         fp8: Run the eligible Linears as block-scaled FP8 GEMMs (§3.3); see dsv3lite.fp8.
-        moe_impl: How the routed experts run: ``"grouped"`` (three grouped GEMMs per
-            layer, no host synchronisation) or ``"loop"`` (one matmul per expert, the
-            reference). Both compute the same function on the same weights.
     """
 
     vocab_size: int = 256
@@ -100,7 +97,6 @@ class ModelArgs:
     norm_eps: float = 1e-6
     init_std: float = 0.006
     fp8: bool = False
-    moe_impl: str = "grouped"
 
     # ------------------------------------------------------------------ derived
     @property
@@ -126,8 +122,6 @@ class ModelArgs:
         def fail(field: str, value, allowed: str):
             raise ValueError(f"ModelArgs.{field}={value!r} is invalid: {allowed}")
 
-        if self.moe_impl not in ("grouped", "loop"):
-            fail("moe_impl", self.moe_impl, "choose 'grouped' or 'loop'")
         positive = ["vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len",
                     "original_seq_len", "n_expert_groups", "n_limited_groups"]

@@ -18,7 +18,7 @@ from torch import nn
 from .block import Block
 from .config import ModelArgs
 from .mla import AttnImpl, LatentKVCache
-from .moe import Gate, GroupedExperts, MoE
+from .moe import Gate, MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_rope
@@ -84,10 +84,6 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
                 nn.init.normal_(module.weight, std=self.args.init_std)
-            elif isinstance(module, GroupedExperts):  # expert by expert, w1, w2, w3:
-                for e in range(module.n_experts):      # the draws of one Linear each
-                    for w in (module.w1, module.w2, module.w3):
-                        nn.init.normal_(w[e], std=self.args.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 

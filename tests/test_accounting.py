@@ -26,7 +26,7 @@ def test_count_matches_the_real_model_tensor_by_tensor(args):
     assert count.total == main
     assert count.mtp[0] == mtp
     experts = sum(p.numel() for m in model.moe_layers()[: args.n_layers - args.n_dense_layers]
-                  for p in m.experts.parameters())
+                  for e in m.experts for p in e.parameters())
     per_expert = 3 * args.dim * args.moe_inter_dim
     n_moe = args.n_layers - args.n_dense_layers
     assert count.total - count.activated == experts - n_moe * args.n_activated_experts * per_expert

@@ -141,25 +141,17 @@ def is_fp8_eligible(owner: nn.Module, linear: nn.Module) -> bool:
 
 
 def convert_to_fp8(model: nn.Module) -> list[str]:
-    """Swap the eligible Linears of ``model`` for :class:`FP8Linear`, in place, and switch
-    the routed experts (:class:`~dsv3lite.moe.GroupedExperts`) to their FP8 path.
+    """Swap the eligible Linears of ``model`` for :class:`FP8Linear`, in place.
 
     Args:
         model: A :class:`~dsv3lite.Transformer` or any module containing MLA / MLP.
 
     Returns:
-        Qualified names of the Linears converted by this call, a routed expert's as
-        ``...experts.{e}.w1`` (already converted ones are left alone, so calling twice
-        converts nothing more).
+        Qualified names of the Linears converted by this call (already converted
+        ones are left alone, so calling twice converts nothing more).
     """
-    from ..moe import GroupedExperts
-
     converted = []
     for owner_name, owner in list(model.named_modules()):
-        if isinstance(owner, GroupedExperts) and not owner.fp8:
-            owner.fp8 = True  # its experts' GEMMs, one expert at a time
-            converted += [f"{owner_name}.{e}.{w}" for e in range(owner.n_experts)
-                          for w in ("w1", "w2", "w3")]
         for child_name, child in list(owner.named_children()):
             if is_fp8_eligible(owner, child):
                 setattr(owner, child_name, FP8Linear.from_linear(child))
