@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed-stamp
 # `make test SLOW=1` also runs tests marked slow.
 PYTEST_MARKS := $(if $(SLOW),,-m "not slow")
 
-.PHONY: install data book test ipynb clean help
+.PHONY: install data book test gpu-check ipynb clean help
 
 help:
 	@echo "make book   install, execute every notebook, render HTML into _build/html"
 	@echo "make test   install, run every test (unit tests, notebooks, strict book build)"
 	@echo "make data   fetch and tokenize the Shakespeare corpus once into data/"
+	@echo "make gpu-check  on a CUDA machine: GPU tests and both benchmarks (JSON in benchmarks/results)"
 	@echo "make ipynb  export notebooks/*.md to .ipynb (for Jupyter or Colab)"
 
 # pip's notices about absent local package mirrors are filtered out; its errors still fail.
@@ -40,6 +41,19 @@ book: install data
 
 test: install data
 	$(PY) -m pytest $(PYTEST_MARKS)
+
+# On a CUDA machine: the GPU tests, then the FP8 and training benchmarks; without CUDA it
+# says so and succeeds. The benchmarks write their JSON to benchmarks/results/.
+gpu-check: install
+	@if ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		echo "gpu-check: no CUDA device here, nothing to measure"; exit 0; fi; \
+	status=0; \
+	$(PY) -m pytest -m gpu -q -rs || status=1; \
+	$(PY) benchmarks/fp8.py || status=1; \
+	$(PY) benchmarks/train.py --preset h100_1b --compile --hf --fp8-dims 1024,2048,4096 \
+		--budget 200 || status=1; \
+	$(PY) benchmarks/summary.py; \
+	exit $$status
 
 ipynb: install
 	$(VENV)/bin/jupytext --to ipynb notebooks/*.md

@@ -16,13 +16,20 @@ medians on random data (never zeros; do_bench clears the L2 cache before every r
 - fp8_gemm at M=N=K=4096 and 8192 and at DeepSeek-V3's shapes (the DeepGEMM README's table) against
   ``torch.nn.functional.scaled_mm`` blockwise (if present and verified) and bf16 matmul
   (goals K1, K2), and the Wgrad GEMM (both operands 1x128 along tokens, goal K3);
+- two more peers at M=N=K=8192: ``torch._scaled_mm`` with rowwise scales (one scale per
+  row of a and of b: a coarser recipe, the speed of torch's own FP8 GEMM) and a
+  blockwise scaled mm written in PyTorch (dequantize, bf16 matmul) compiled with
+  ``torch.compile(mode="max-autotune")``;
+- the grouped FP8 GEMM of the MoE experts (``dsv3lite.fp8.grouped``, 128-aligned
+  segments) against bf16 ``torch._grouped_mm`` on the same segments (goal K4);
+- the one-pass 1x128 + 128x1 quantization (``act_quant_both``) against the two passes;
 - FP8Linear forward+backward against a bf16 nn.Linear (goal K6).
 
 It prints a table and writes ``benchmarks/results/fp8-<gpu>-<yyyymmdd>.json`` with the
 device name, torch/triton versions and every raw number; it exits 1 if a correctness
 check failed (the timings are still written, flagged). Without CUDA it says so and
 exits 0 without writing anything. It takes a few minutes (autotuning included); GEMM
-shapes not started within 6 minutes are skipped and listed.
+shapes not started within 150 s are skipped and listed (``make gpu-check`` fits 8 minutes).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 DEEPSEEK_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168),
                (7168, 2048)]  # DeepGEMM README: (N, K) of V3's projections
 DEEPSEEK_M = [64, 128, 4096]
-BUDGET_S = 360  # GEMM shapes not started by then are skipped (and listed in the JSON)
+BUDGET_S = 150  # GEMM shapes not started by then are skipped (and listed in the JSON)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -194,6 +201,86 @@ def bench_gemm(device: torch.device, M: int, N: int, K: int, b_tiles: str = "128
     return row
 
 
+def bench_peers(device: torch.device, M: int = 8192) -> dict:
+    """Rowwise ``torch._scaled_mm`` and a compiled PyTorch blockwise scaled mm, M=N=K."""
+    from dsv3lite.fp8 import kernels, reference as ref
+
+    N = K = M
+    a = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    b = torch.randn(N, K, device=device, dtype=torch.bfloat16)
+    flops = 2 * M * N * K
+    row = dict(M=M, N=N, K=K)
+    a_q, a_s = kernels.act_quant_triton(a)
+    b_q, b_s = kernels.weight_quant_triton(b)
+    exact = (ref.dequantize_tiles(a_q, a_s, (1, 128), torch.float64)
+             @ ref.dequantize_tiles(b_q, b_s, (128, 128), torch.float64).t())
+    row["ours_ms"] = median_ms(lambda: kernels.fp8_gemm_triton(a_q, a_s, b_q, b_s,
+                                                                torch.bfloat16))
+    # rowwise: one scale per row of a and per row of b (per output column)
+    amax_a = a.float().abs().amax(1, keepdim=True).clamp(min=1e-4)
+    amax_b = b.float().abs().amax(1, keepdim=True).clamp(min=1e-4)
+    sa, sb = amax_a / 448, amax_b / 448
+    ra = (a.float() / sa).to(torch.float8_e4m3fn)
+    rb = (b.float() / sb).to(torch.float8_e4m3fn)
+    try:
+        def rowwise():
+            return torch._scaled_mm(ra, rb.t(), scale_a=sa, scale_b=sb.t(),
+                                    out_dtype=torch.bfloat16)
+        row["rowwise_rel_err_vs_bf16_product"] = rel(rowwise(), a.float() @ b.float().t())
+        row["rowwise_scaled_mm_ms"] = median_ms(rowwise)
+    except Exception as exc:
+        row["rowwise_scaled_mm_ms"], row["rowwise_error"] = None, str(exc).splitlines()[0]
+
+    def blockwise(a_q, a_s, b_q, b_s):
+        a_deq = (a_q.float().view(M, K // 128, 128) * a_s[..., None]).view(M, K)
+        b_deq = (b_q.float().view(N // 128, 128, K // 128, 128)
+                 * b_s[:, None, :, None]).view(N, K)
+        return a_deq.bfloat16() @ b_deq.bfloat16().t()
+
+    try:
+        compiled = torch.compile(blockwise, mode="max-autotune")
+        t0 = time.time()
+        out = compiled(a_q, a_s, b_q, b_s)
+        row["compiled_blockwise_compile_s"] = time.time() - t0
+        row["compiled_blockwise_rel_err"] = rel(out, exact)
+        row["compiled_blockwise_ms"] = median_ms(lambda: compiled(a_q, a_s, b_q, b_s))
+    except Exception as exc:
+        row["compiled_blockwise_ms"], row["compiled_error"] = None, str(exc).splitlines()[0]
+    for name in ("ours", "rowwise_scaled_mm", "compiled_blockwise"):
+        ms = row.get(f"{name}_ms")
+        row[f"{name}_tflops"] = flops / ms / 1e9 if ms else None
+    return row
+
+
+def bench_grouped(device: torch.device, E: int, tokens: int, N: int, K: int) -> dict:
+    """Grouped FP8 GEMM vs bf16 torch._grouped_mm: E experts, ``tokens`` rows each (a
+    multiple of 128, so the segments need no padding), y_e = x_e W_e^T."""
+    from dsv3lite.fp8 import grouped, kernels
+
+    x = torch.randn(E * tokens, K, device=device, dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16)
+    ends = torch.arange(1, E + 1, device=device, dtype=torch.int32) * tokens
+    x_q, x_s = kernels.act_quant_triton(x)
+    w_q, w_s = grouped.grouped_weight_quant(w.float())
+    ours = grouped.grouped_fp8_gemm_triton(x_q, x_s, w_q, w_s, ends.long(), torch.bfloat16)
+    reference = grouped.grouped_fp8_gemm_ref(x_q, x_s, w_q, w_s, ends.long(), torch.float32)
+    row = dict(E=E, tokens_per_expert=tokens, N=N, K=K, rel_err_vs_reference=rel(ours, reference))
+    del reference
+    row["fp8_grouped_ms"] = median_ms(lambda: grouped.grouped_fp8_gemm_triton(
+        x_q, x_s, w_q, w_s, ends.long(), torch.bfloat16))
+    wt = w.transpose(-2, -1)
+    row["bf16_grouped_mm_ms"] = median_ms(lambda: torch._grouped_mm(x, wt, offs=ends))
+    flops = 2 * E * tokens * N * K
+    row["fp8_grouped_tflops"] = flops / row["fp8_grouped_ms"] / 1e9
+    row["bf16_grouped_mm_tflops"] = flops / row["bf16_grouped_mm_ms"] / 1e9
+    row["speedup"] = row["bf16_grouped_mm_ms"] / row["fp8_grouped_ms"]
+    # the one-pass quantization of both tilings against two passes, same input
+    row["quant_both_ms"] = median_ms(lambda: kernels.act_quant_both_triton(x))
+    row["quant_two_passes_ms"] = median_ms(lambda: (kernels.act_quant_triton(x),
+                                                    kernels.act_quant_triton(x, transpose=True)))
+    return row
+
+
 def bench_linear(device: torch.device, M: int, K: int, N: int) -> dict:
     """FP8Linear (fp32 master weight, bf16 activations) vs bf16 nn.Linear, fwd + bwd."""
     from dsv3lite.fp8 import FP8Linear
@@ -251,6 +338,10 @@ def main() -> int:
         results["gemm"].append(bench_gemm(device, *shape))
     # Wgrad: dW (N, K) = dy^T x over 16384 tokens, both operands 1x128 along tokens.
     results["wgrad_gemm"] = [bench_gemm(device, 8192, 8192, 16384, "1x128")]
+    results["peers"] = [bench_peers(device)]
+    # V3's expert shapes (dim 7168, expert width 2048) and ours (h100_1b: 2048, 512)
+    results["grouped"] = [bench_grouped(device, 8, 2048, 2048, 7168),
+                          bench_grouped(device, 32, 512, 512, 2048)]
     results["linear"] = [bench_linear(device, 16384, 8192, 8192),
                          bench_linear(device, 16384, 2048, 2048)]
     results["seconds"] = time.time() - start
@@ -286,6 +377,18 @@ def print_table(results: dict) -> None:
               f"{r['bf16_matmul_tflops']:7.0f} "
               f"{r['fp8_triton_tflops'] / smm if smm else float('nan'):6.2f} "
               f"{r['fp8_triton_tflops'] / r['bf16_matmul_tflops']:6.2f} {r['rel_err']:8.1e}")
+    print("\nPeers at M=N=K (TFLOPS)")
+    for r in results.get("peers", []):
+        print(f"  {r['M']}: ours {r['ours_tflops'] or float('nan'):.0f}, rowwise _scaled_mm "
+              f"{r['rowwise_scaled_mm_tflops'] or float('nan'):.0f}, compiled blockwise "
+              f"{r['compiled_blockwise_tflops'] or float('nan'):.0f}")
+    print("\nGrouped experts GEMM (K4: fp8 grouped vs bf16 torch._grouped_mm)")
+    for r in results.get("grouped", []):
+        print(f"  E={r['E']} x {r['tokens_per_expert']} tokens, N={r['N']} K={r['K']}: "
+              f"fp8 {r['fp8_grouped_tflops']:.0f} TFLOPS, bf16 {r['bf16_grouped_mm_tflops']:.0f}"
+              f", speedup {r['speedup']:.2f}x (rel err {r['rel_err_vs_reference']:.1e}); "
+              f"quant both {r['quant_both_ms']:.3f} ms vs two passes "
+              f"{r['quant_two_passes_ms']:.3f} ms")
     print("\nLinear forward + backward (FP8Linear vs bf16 nn.Linear)")
     for r in results["linear"]:
         print(f"  M={r['M']} K={r['K']} N={r['N']}: fp8 {r['fp8_ms']:.2f} ms, "

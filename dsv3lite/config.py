@@ -58,6 +58,9 @@ class ModelArgs:
         norm_eps: RMSNorm epsilon.
         init_std: Standard deviation of the normal initialisation (0.006 in V3).
         fp8: Run the eligible Linears as block-scaled FP8 GEMMs (§3.3); see dsv3lite.fp8.
+        moe_impl: How the routed experts run: ``"grouped"`` (three grouped GEMMs per
+            layer, no host synchronisation) or ``"loop"`` (one matmul per expert, the
+            reference). Both compute the same function on the same weights.
     """
 
     vocab_size: int = 256
@@ -97,6 +100,7 @@ class ModelArgs:
     norm_eps: float = 1e-6
     init_std: float = 0.006
     fp8: bool = False
+    moe_impl: str = "grouped"
 
     # ------------------------------------------------------------------ derived
     @property
@@ -122,6 +126,8 @@ class ModelArgs:
         def fail(field: str, value, allowed: str):
             raise ValueError(f"ModelArgs.{field}={value!r} is invalid: {allowed}")
 
+        if self.moe_impl not in ("grouped", "loop"):
+            fail("moe_impl", self.moe_impl, "choose 'grouped' or 'loop'")
         positive = ["vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len",
                     "original_seq_len", "n_expert_groups", "n_limited_groups"]
@@ -198,6 +204,24 @@ class ModelArgs:
                     qk_rope_head_dim=32, v_head_dim=64,
                     n_routed_experts=32, n_shared_experts=1, n_activated_experts=4,
                     n_expert_groups=4, n_limited_groups=2, max_seq_len=1024)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def h100_1b(cls, **overrides) -> "ModelArgs":
+        """About 1B parameters at d_model 2048, for one 80 GB H100 in BF16 or FP8.
+
+        Counted by :func:`~dsv3lite.count_params`: 0.99B in the main model (0.37B
+        activated per token: 4 of 32 routed experts plus one shared), and 0.12B more in
+        the MTP module. Weights, gradients and AdamW's two moments in FP32 take
+        16 bytes per parameter, about 18 GB; activations come on top and grow with
+        batch × sequence length (``benchmarks/train.py`` reports the peak).
+        """
+        base = dict(vocab_size=32768, dim=2048, inter_dim=5632, moe_inter_dim=512,
+                    n_layers=8, n_dense_layers=1, n_heads=16,
+                    q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128,
+                    qk_rope_head_dim=64, v_head_dim=128,
+                    n_routed_experts=32, n_shared_experts=1, n_activated_experts=4,
+                    n_expert_groups=4, n_limited_groups=2, max_seq_len=2048)
         return cls(**{**base, **overrides})
 
     @classmethod

@@ -51,8 +51,8 @@ Weights (ours -> HF; ``L`` = ``layers.{i}.`` -> ``model.layers.{i}.``)::
     L ffn.w1 / w3 / w2 (dense)    -> L mlp.gate_proj / up_proj / down_proj
     L ffn.gate.weight             -> L mlp.gate.weight
     L ffn.gate.balancer.bias      -> L mlp.gate.e_score_correction_bias  (kept in fp32)
-    L ffn.experts[e].w1, .w3      -> L mlp.experts.gate_up_proj[e] = cat([w1, w3])  (E, 2·I, dim)
-    L ffn.experts[e].w2           -> L mlp.experts.down_proj[e]                     (E, dim, I)
+    L ffn.experts.w1, .w3 (E, I, dim) -> L mlp.experts.gate_up_proj = cat([w1, w3], 1)  (E, 2·I, dim)
+    L ffn.experts.w2 (E, dim, I)      -> L mlp.experts.down_proj                        (E, dim, I)
     L ffn.shared_experts.w1/w3/w2 -> L mlp.shared_experts.gate_proj/up_proj/down_proj
     norm.weight                   -> model.norm.weight
     head.weight                   -> lm_head.weight
@@ -370,13 +370,10 @@ def _hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     out = {theirs: ours[mine] for mine, theirs in _pairs(args)}
     for i in _moe_layers(args):
         o, h = f"layers.{i}.ffn.", f"model.layers.{i}.mlp."
-        experts = range(args.n_routed_experts)
         # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2) -> gate rows first, then up rows.
-        out[h + "experts.gate_up_proj"] = torch.stack([
-            torch.cat([ours[f"{o}experts.{e}.w1.weight"], ours[f"{o}experts.{e}.w3.weight"]])
-            for e in experts])
-        out[h + "experts.down_proj"] = torch.stack(
-            [ours[f"{o}experts.{e}.w2.weight"] for e in experts])
+        out[h + "experts.gate_up_proj"] = torch.cat([ours[o + "experts.w1"],
+                                                     ours[o + "experts.w3"]], dim=1)
+        out[h + "experts.down_proj"] = ours[o + "experts.w2"]
         if not args.n_shared_experts:  # HF keeps a zero-width shared MLP
             w = ours[o + "gate.weight"]
             out[h + "shared_experts.gate_proj.weight"] = w.new_empty(0, args.dim)
@@ -393,12 +390,9 @@ def _our_state_dict(hf_model: DeepseekV3ForCausalLM, args: ModelArgs) -> dict[st
     out = {mine: theirs[key] for mine, key in _pairs(args)}
     for i in _moe_layers(args):
         o, h = f"layers.{i}.ffn.", f"model.layers.{i}.mlp."
-        gate_up, down = theirs[h + "experts.gate_up_proj"], theirs[h + "experts.down_proj"]
-        for e in range(args.n_routed_experts):
-            w1, w3 = gate_up[e].chunk(2, dim=0)
-            out[f"{o}experts.{e}.w1.weight"] = w1
-            out[f"{o}experts.{e}.w3.weight"] = w3
-            out[f"{o}experts.{e}.w2.weight"] = down[e]
+        gate_up = theirs[h + "experts.gate_up_proj"]  # (E, 2·I, dim)
+        out[o + "experts.w1"], out[o + "experts.w3"] = gate_up.chunk(2, dim=1)
+        out[o + "experts.w2"] = theirs[h + "experts.down_proj"]
     return out
 
 

@@ -31,7 +31,7 @@ from .config import ModelArgs
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
-__all__ = ["MLA", "LatentKVCache", "AttnImpl"]
+__all__ = ["MLA", "LatentKVCache", "AttnImpl", "causal_attention"]
 
 AttnImpl = Literal["naive", "absorbed"]
 ATTN_IMPLS = ("naive", "absorbed")
@@ -79,6 +79,23 @@ class LatentKVCache:
     def nbytes(self) -> int:
         """Bytes held by the cache."""
         return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Causal softmax attention, (B, T, H, d) in and (B, T, H, d_v) out.
+
+    MLA's value heads (128 in V3) are narrower than its query/key heads (192). On CUDA
+    the values are zero-padded to the query width so that the fused FlashAttention
+    kernel, which wants one head size, can run; the padded output columns are zeros
+    and are cut off, so the result is the same function.
+    """
+    d_v = v.shape[-1]
+    if q.is_cuda and d_v < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - d_v))
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                       v.transpose(1, 2), is_causal=True, scale=scale)
+    return o.transpose(1, 2)[..., :d_v]
 
 
 class MLA(nn.Module):
@@ -156,10 +173,8 @@ class MLA(nn.Module):
         if cache is None:  # training / prefill: ordinary causal attention, Eq. 10
             k, v = self.up_project(kv, k_pe)
             q = torch.cat([q_nope, q_pe], dim=-1)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                               v.transpose(1, 2), is_causal=True,
-                                               scale=self.softmax_scale)
-            return self.wo(o.transpose(1, 2).flatten(2))
+            o = causal_attention(q, k, v, self.softmax_scale)
+            return self.wo(o.flatten(2))
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r} is invalid: must be one of {ATTN_IMPLS}")
         end = start_pos + T

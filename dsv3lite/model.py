@@ -18,7 +18,8 @@ from torch import nn
 from .block import Block
 from .config import ModelArgs
 from .mla import AttnImpl, LatentKVCache
-from .moe import Gate, MoE
+from .losses import linear_cross_entropy
+from .moe import Gate, GroupedExperts, MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_rope
@@ -49,12 +50,12 @@ class LossBreakdown:
 @dataclass
 class ModelOutput:
     """Attributes:
-        logits: (B, T, vocab_size) next-token logits.
+        logits: (B, T, vocab_size) next-token logits (None with ``return_logits=False``).
         loss: The loss parts when targets were given, else None.
         hidden: (B, T, dim) last block's output before the final norm (h^0 for MTP).
     """
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     loss: Optional[LossBreakdown] = None
     hidden: Optional[torch.Tensor] = None
 
@@ -84,6 +85,10 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
                 nn.init.normal_(module.weight, std=self.args.init_std)
+            elif isinstance(module, GroupedExperts):  # expert by expert, w1, w2, w3:
+                for e in range(module.n_experts):      # the draws of one Linear each
+                    for w in (module.w1, module.w2, module.w3):
+                        nn.init.normal_(w[e], std=self.args.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -92,21 +97,23 @@ class Transformer(nn.Module):
         """Every MoE layer, the MTP blocks' included, in order."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def update_balance_biases(self, gamma: Optional[float] = None) -> list[float]:
+    def update_balance_biases(self, gamma: Optional[float] = None,
+                              sync: bool = True) -> list:
         """Apply the bias update to every MoE layer after an optimizer step.
 
         Args:
             gamma: Bias update speed γ (default ``args.bias_update_speed``).
+            sync: Return floats (True) or 0-dim device tensors, read nothing back (False).
 
         Returns:
             MaxVio of each MoE layer over the step's tokens.
         """
         gamma = self.args.bias_update_speed if gamma is None else gamma
-        return [moe.gate.balancer.update(gamma) for moe in self.moe_layers()]
+        return [moe.gate.balancer.update(gamma, sync) for moe in self.moe_layers()]
 
     def expert_counts(self) -> torch.Tensor:
         """(n_moe_layers, n_routed_experts) tokens per expert in the last updated step."""
-        return torch.stack([m.gate.balancer.last_counts for m in self.moe_layers()])
+        return torch.stack([m.gate.balancer.last_counts.cpu() for m in self.moe_layers()])
 
     def drop_mtp(self) -> "Transformer":
         """Remove the MTP modules (inference does not need them); returns self."""
@@ -124,7 +131,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 cache: Optional[LatentKVCache] = None, start_pos: int = 0,
                 attn_impl: AttnImpl = "absorbed",
-                mtp_lambda: Optional[float] = None) -> ModelOutput:
+                mtp_lambda: Optional[float] = None, return_logits: bool = True) -> ModelOutput:
         """Run the model.
 
         Args:
@@ -134,6 +141,10 @@ class Transformer(nn.Module):
             start_pos: Position of ``tokens[:, 0]`` (only with a cache).
             attn_impl: ``"naive"`` or ``"absorbed"`` decode attention (only with a cache).
             mtp_lambda: λ for this step (default ``args.mtp_lambda``).
+            return_logits: With targets, False skips the (B, T, vocab) logits: the losses
+                then go through :func:`~dsv3lite.losses.linear_cross_entropy`, which never
+                holds more than a chunk of them (``logits`` is None in the output). Same
+                loss up to rounding; the trainer uses it on CUDA.
 
         Returns:
             :class:`ModelOutput`.
@@ -151,7 +162,10 @@ class Transformer(nn.Module):
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache, i, start_pos, attn_impl)
-        logits = self.head(self.norm(h))
+        if targets is None and not return_logits:
+            raise ValueError("return_logits=False needs targets (it only changes how the "
+                             "loss is computed)")
+        logits = self.head(self.norm(h)) if return_logits else None
         if targets is None:
             return ModelOutput(logits=logits, hidden=h)
         if targets.shape != tokens.shape:
@@ -161,7 +175,8 @@ class Transformer(nn.Module):
                                mtp_lambda=mtp_lambda)
         return ModelOutput(logits=logits, loss=loss, hidden=h)
 
-    def loss_parts(self, tokens: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor,
+    def loss_parts(self, tokens: torch.Tensor, targets: torch.Tensor,
+                   logits: Optional[torch.Tensor],
                    h: torch.Tensor, *, mtp: bool = True,
                    mtp_lambda: Optional[float] = None) -> LossBreakdown:
         """The loss parts from the main logits and the last block's output ``h``.
@@ -171,8 +186,13 @@ class Transformer(nn.Module):
         forward. A pipeline's last stage calls it too (:mod:`dsv3lite.pipeline`), so
         that its loss is the same computation, bit for bit.
         """
-        main = _cross_entropy(logits, targets)
-        mtp_loss = self._mtp_loss(tokens, targets, h) if len(self.mtp) and mtp else None
+        fused = logits is None  # chunked head + loss (forward's return_logits=False)
+        if fused:
+            main = linear_cross_entropy(self.norm(h), self.head.weight, targets)
+        else:
+            main = _cross_entropy(logits, targets)
+        mtp_loss = (self._mtp_loss(tokens, targets, h, fused) if len(self.mtp) and mtp
+                    else None)
         mtp_loss = main.new_zeros(()) if mtp_loss is None else mtp_loss
         moes = self.moe_layers()
         balances = [m.balance_loss for m in moes if self.training and m.balance_loss is not None]
@@ -183,11 +203,16 @@ class Transformer(nn.Module):
             m.balance_loss = None
         return LossBreakdown(main, mtp_loss, balance, total)
 
-    def _mtp_loss(self, tokens: torch.Tensor, targets: torch.Tensor,
-                  h: torch.Tensor) -> Optional[torch.Tensor]:
+    def _mtp_loss(self, tokens: torch.Tensor, targets: torch.Tensor, h: torch.Tensor,
+                  fused: bool = False) -> Optional[torch.Tensor]:
         """(1/D) Σ_k CE^k: depth k at position i sees t_{i+k} and predicts target i+k."""
-        logits = self.mtp_logits(tokens, h)
-        losses = [_cross_entropy(lg, targets[:, k:]) for k, lg in enumerate(logits, start=1)]
+        states = self.mtp_states(tokens, h)
+        if fused:
+            losses = [linear_cross_entropy(s, self.head.weight, targets[:, k:])
+                      for k, s in enumerate(states, start=1)]
+        else:
+            losses = [_cross_entropy(self.head(s), targets[:, k:])
+                      for k, s in enumerate(states, start=1)]
         return torch.stack(losses).mean() if losses else None
 
     def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
@@ -199,13 +224,22 @@ class Transformer(nn.Module):
         Returns:
             List over depths k of (B, T - k, vocab) logits predicting the token k+1 ahead.
         """
+        return [self.head(s) for s in self.mtp_states(tokens, h)]
+
+    def mtp_states(self, tokens: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
+        """The chain of MTP modules: each depth's normalised output, fed to the shared head.
+
+        Depth k reads the previous depth's output (the main model's h for k = 1) at
+        positions 0..T-k-1 and the embeddings of tokens k..T-1, so it keeps the causal chain
+        ([V3] §2.2, Eq. 21). Returns a list over depths of (B, T - k, dim) tensors.
+        """
         out = []
         for k, module in enumerate(self.mtp, start=1):
             n = tokens.shape[1] - k
             if n < 1:
                 break
             h = module(h[:, :n], self.embed(tokens[:, k:]), self.rope_cos[:n], self.rope_sin[:n])
-            out.append(self.head(module.norm(h)))
+            out.append(module.norm(h))
         return out
 
 

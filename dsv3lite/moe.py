@@ -20,13 +20,18 @@ it ([V3] Eqs. 17-20, §4.2).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
 
-__all__ = ["MLP", "Gate", "BiasBalancer", "MoE", "max_violation", "sequence_balance_loss"]
+__all__ = ["MLP", "Gate", "BiasBalancer", "GroupedExperts", "MoE", "MOE_IMPLS",
+           "max_violation", "sequence_balance_loss"]
+
+MOE_IMPLS = ("grouped", "loop")
 
 
 class MLP(nn.Module):
@@ -85,19 +90,27 @@ class BiasBalancer(nn.Module):
         self.counts += counts.to(self.counts)
 
     @torch.no_grad()
-    def update(self, gamma: float) -> float:
+    def update(self, gamma: float, sync: bool = True) -> float | torch.Tensor:
         """Apply the sign rule with speed ``gamma``; return the step's MaxVio.
 
         Overloaded experts (count above the mean) lose γ, underloaded ones gain γ.
-        Experts exactly at the mean are left alone.
+        Experts exactly at the mean are left alone. With ``sync=False`` nothing is read
+        back to the host: MaxVio is returned as a 0-dim tensor on the bias's device and
+        ``last_counts`` stays there too (a training loop reads them when it logs).
         """
         if gamma < 0:
             raise ValueError(f"gamma={gamma} is invalid: the bias update speed must be >= 0")
         counts = self.counts.clone()
         self.bias += gamma * torch.sign(counts.mean() - counts)
-        self.last_counts = counts.cpu()
         self.counts.zero_()
-        return max_violation(counts)
+        mean = counts.mean()
+        vio = torch.where(mean > 0, (counts.max() - mean) / mean.clamp(min=1e-30),
+                          torch.zeros_like(mean))  # max_violation without a branch
+        if not sync:
+            self.last_counts = counts
+            return vio
+        self.last_counts = counts.cpu()
+        return float(vio)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int,
@@ -164,6 +177,89 @@ class Gate(nn.Module):
         return gates.to(x.dtype), indices, scores
 
 
+class GroupedExperts(nn.Module):
+    """The routed experts of one MoE layer, stored stacked: ``w1``, ``w3`` (E, I, dim) and
+    ``w2`` (E, dim, I), expert e being the SwiGLU MLP w2[e](silu(w1[e] x) * w3[e] x).
+
+    ``impl="grouped"`` runs all experts as three ``torch._grouped_mm`` calls over the
+    tokens sorted by expert, with the segment ends computed on the device: no host
+    synchronisation and three launches per layer, whatever the number of experts.
+    ``impl="loop"`` is the reference: one small matmul per expert after reading the
+    counts on the host. With FP8 on (:func:`~dsv3lite.fp8.convert_to_fp8` sets ``fp8``)
+    the experts' three GEMMs run block-scaled in FP8: on a GPU with FP8 tensor cores as
+    one grouped FP8 GEMM each over 128-aligned segments (:mod:`dsv3lite.fp8.grouped`, no
+    host sync), elsewhere (and with ``impl="loop"``) expert by expert through
+    :func:`~dsv3lite.fp8.fp8_linear`, which gives the same numbers.
+
+    Checkpoints written with one ``nn.Linear`` per expert (``experts.{e}.w1.weight``)
+    are stacked on load.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "grouped"):
+        super().__init__()
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"impl={impl!r} is invalid: choose one of {', '.join(MOE_IMPLS)}")
+        self.n_experts, self.impl, self.fp8 = n_experts, impl, False
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        # nn.Linear's default init, expert by expert: the random stream then advances as
+        # it did with one Linear per expert, so a seeded model is the same model as before
+        # (Transformer.reset_parameters then draws the real init, in the same order).
+        with torch.no_grad():
+            for e in range(n_experts):
+                for w in (self.w1, self.w2, self.w3):
+                    nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+        self.register_load_state_dict_pre_hook(GroupedExperts._stack_per_expert_keys)
+
+    @staticmethod
+    def _stack_per_expert_keys(module, state_dict, prefix, *args) -> None:
+        if f"{prefix}0.w1.weight" not in state_dict:
+            return
+        for name in ("w1", "w2", "w3"):
+            state_dict[prefix + name] = torch.stack(
+                [state_dict.pop(f"{prefix}{e}.{name}.weight") for e in range(module.n_experts)])
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` alone on tokens ``x`` (..., dim)."""
+        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Outputs for tokens sorted by expert.
+
+        Args:
+            x: (N, dim) tokens, expert 0's first, then expert 1's, ...
+            counts: (E,) tokens per expert (on x's device).
+        """
+        if self.fp8 and self.impl == "grouped":
+            from .fp8.ops import use_triton
+            if use_triton(x):
+                from .fp8.grouped import grouped_fp8_experts
+                return grouped_fp8_experts(x, counts, self.w1, self.w2, self.w3)
+        if self.impl == "loop" or self.fp8:
+            return self._loop(x, counts)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        ends = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=ends)) \
+            * torch._grouped_mm(x, w3.transpose(-2, -1), offs=ends)
+        return torch._grouped_mm(h, w2.transpose(-2, -1), offs=ends)
+
+    def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            from .fp8.linear import fp8_linear as linear
+        else:
+            linear = F.linear
+        outs = []
+        for e, chunk in enumerate(x.split(counts.tolist())):  # host sync: the reference
+            if len(chunk):
+                chunk = linear(F.silu(linear(chunk, self.w1[e])) * linear(chunk, self.w3[e]),
+                               self.w2[e])
+            outs.append(chunk)
+        return torch.cat(outs)
+
+
 class MoE(nn.Module):
     """Shared experts plus routed experts; returns the FFN output (Eq. 12 without residual)."""
 
@@ -173,8 +269,8 @@ class MoE(nn.Module):
         self.top_k = args.n_activated_experts
         self.alpha = args.balance_loss_alpha
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim)
-                                     for _ in range(args.n_routed_experts))
+        self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim,
+                                      args.moe_impl)
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
                                if args.n_shared_experts else None)
         self.balance_loss: torch.Tensor | None = None  # set by each training forward
@@ -183,20 +279,20 @@ class MoE(nn.Module):
         B, T, dim = x.shape
         flat = x.reshape(-1, dim)  # (N, dim)
         gates, indices, scores = self.gate(flat)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        chosen = indices.flatten()  # (N·K,)
+        counts = torch.zeros(self.n_routed_experts, dtype=torch.long, device=x.device) \
+            .scatter_add_(0, chosen, torch.ones_like(chosen))  # no host sync, unlike bincount
         if self.training:
             self.gate.balancer.record(counts)
             self.balance_loss = sequence_balance_loss(
                 scores.view(B, T, -1), indices.view(B, T, -1), self.top_k, self.alpha)
         # Dispatch: sort the (token, slot) pairs by expert so each expert runs once on a
         # contiguous slice; then scatter-add the gated outputs back to their tokens.
-        order = indices.flatten().argsort(stable=True)
+        order = chosen.argsort(stable=True)
         token_of = order // self.top_k
-        chunks = flat[token_of].split(counts.tolist())
-        routed_out = torch.cat([expert(chunk) if len(chunk) else chunk
-                                for expert, chunk in zip(self.experts, chunks)])
-        weighted = routed_out * gates.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(flat).index_add_(0, token_of, weighted)
+        routed_out = self.experts(flat[token_of], counts)
+        weighted = routed_out * gates.flatten()[order].unsqueeze(-1).to(routed_out.dtype)
+        out = torch.zeros_like(flat, dtype=weighted.dtype).index_add_(0, token_of, weighted)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(B, T, dim)

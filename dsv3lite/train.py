@@ -48,7 +48,8 @@ def _tiny_for_training(**overrides) -> ModelArgs:
     return ModelArgs.tiny(**{"vocab_size": 512, **overrides})
 
 
-PRESETS = {"tiny": _tiny_for_training, "small": ModelArgs.small, "h100": ModelArgs.h100}
+PRESETS = {"tiny": _tiny_for_training, "small": ModelArgs.small, "h100": ModelArgs.h100,
+           "h100_1b": ModelArgs.h100_1b}
 
 # Dense bf16 peak FLOP/s, for MFU (datasheet numbers).
 _BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
@@ -60,7 +61,7 @@ class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint).
 
     Attributes:
-        preset: Model preset: "tiny", "small" or "h100".
+        preset: Model preset: "tiny", "small", "h100" or "h100_1b".
         steps: Optimizer steps of the whole run (schedules are scaled to it).
         out: Run folder for metrics.jsonl and checkpoints.
         corpus: "shakespeare", "stdlib" or a folder of .txt files.
@@ -206,7 +207,8 @@ def evaluate(model: Transformer, batches: list, device: torch.device, autocast) 
     sums = {"main": 0.0, "mtp": 0.0}
     for x, y in batches:
         with autocast():
-            loss = model(x.to(device), y.to(device)).loss
+            loss = model(x.to(device), y.to(device),
+                         return_logits=device.type != "cuda").loss
         sums["main"] += loss.main.item()
         sums["mtp"] += loss.mtp.item()
     model.train(was_training)
@@ -218,7 +220,8 @@ def _optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = next(model.parameters()).is_cuda  # one kernel for all parameters on a GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -292,16 +295,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         x, y = train_stream.batch(cfg.batch_size, cfg.seq_len, batch_gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            loss = step_fn(x, y, mtp_lambda=lam).loss
+            # On CUDA the loss runs chunked through the head (no full logits tensor);
+            # on a CPU the reference path keeps seeded runs exactly as they were.
+            loss = step_fn(x, y, mtp_lambda=lam, return_logits=not use_cuda).loss
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        max_vio = model.update_balance_biases(gamma)  # after the optimizer step
+        # after the optimizer step; nothing is read back to the host until a log step
+        max_vio = model.update_balance_biases(gamma, sync=False)
         tokens_seen += x.numel()
         tok_window += x.numel()
         for k in ("main", "mtp", "balance", "total"):
-            window[k] += getattr(loss, k).item()
+            window[k] = window[k] + getattr(loss, k).detach().float()
         window["n"] += 1
         done = step + 1
         eval_now = done % cfg.eval_interval == 0 or done == end
@@ -311,9 +317,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             seconds = time.perf_counter() - t_window
             record = {"step": done, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam,
                       "gamma": gamma,
-                      "train": {k: window[k] / window["n"] for k in
+                      "train": {k: float(window[k]) / window["n"] for k in
                                 ("main", "mtp", "balance", "total")},
-                      "tokens_per_s": tok_window / seconds, "max_vio": max_vio}
+                      "tokens_per_s": tok_window / seconds,
+                      "max_vio": [float(v) for v in max_vio]}
             if peak:
                 record["mfu"] = tok_window / seconds * fpt / peak
             if eval_now:
@@ -345,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3lite.train",
                                      description="Train a dsv3lite model on text.")
     defaults = TrainConfig()
-    parser.add_argument("--preset", default=defaults.preset, help="tiny, small or h100")
+    parser.add_argument("--preset", default=defaults.preset, help="tiny, small, h100 or h100_1b")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--corpus", default=defaults.corpus,

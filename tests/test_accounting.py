@@ -26,7 +26,7 @@ def test_count_matches_the_real_model_tensor_by_tensor(args):
     assert count.total == main
     assert count.mtp[0] == mtp
     experts = sum(p.numel() for m in model.moe_layers()[: args.n_layers - args.n_dense_layers]
-                  for e in m.experts for p in e.parameters())
+                  for p in m.experts.parameters())
     per_expert = 3 * args.dim * args.moe_inter_dim
     n_moe = args.n_layers - args.n_dense_layers
     assert count.total - count.activated == experts - n_moe * args.n_activated_experts * per_expert
@@ -34,4 +34,13 @@ def test_count_matches_the_real_model_tensor_by_tensor(args):
 
 def test_h100_preset_is_between_100m_and_500m():
     assert 100e6 <= count_params(ModelArgs.h100()).total <= 500e6
+
+
+def test_h100_1b_preset_matches_its_docstring():
+    args = ModelArgs.h100_1b()
+    count = count_params(args)
+    assert args.dim >= 2048
+    assert round(count.total / 1e9, 2) == 0.99 and round(count.activated / 1e9, 2) == 0.37
+    assert round(count.mtp[0] / 1e9, 2) == 0.12
+    assert 16 * count.total_with_mtp / 1e9 < 18.5  # FP32 weights, grads, AdamW moments
 

@@ -101,6 +101,13 @@ def _run_kernels(inputs: dict) -> dict:
         a_q, a_s, b_q, b_s = inputs[("gemm", M, N, K, b_tiles)]
         out[("gemm", M, N, K, b_tiles)] = kernels.fp8_gemm_triton(
             a_q.view(fp8), a_s, b_q.view(fp8), b_s, torch.float32)
+        k_major = a_s.t().contiguous().t()  # the layout act_quant_triton writes
+        out[("gemm k-major", M, N, K, b_tiles)] = kernels.fp8_gemm_triton(
+            a_q.view(fp8), k_major, b_q.view(fp8), b_s, torch.float32)
+    for fmt in (None, "ue8m0"):
+        for name in ("x", "x_bf16"):
+            q, s, qt, st = kernels.act_quant_both_triton(inputs[name], fmt)
+            out[("both", fmt, name)] = (q.view(torch.uint8), s, qt.view(torch.uint8), st)
     return out
 
 
@@ -138,6 +145,22 @@ def test_interpreted_quantizers_match_the_reference(interpreted, kind, fmt):
         assert faults.float().mean() < 0.15  # measured 4-11%: most elements checked exactly
 
 
+@pytest.mark.parametrize("fmt", [None, "ue8m0"])
+def test_interpreted_scales_are_k_major_and_both_tilings_in_one_pass_match(interpreted, fmt):
+    """act_quant_both_triton reads x once and writes exactly what the two separate
+    kernels write; every activation scale tensor comes K-major (stride 1 along tokens)."""
+    inputs, outputs = interpreted
+    for name in ("x", "x_bf16"):
+        M, K = inputs[name].shape
+        q, s = outputs[("1x128", fmt, name)]
+        qt, st = outputs[("128x1", fmt, name)]
+        both = outputs[("both", fmt, name)]
+        assert s.stride() == (1, M) and st.stride() == (1, K), "scales must be K-major"
+        assert both[1].stride() == (1, M) and both[3].stride() == (1, K)
+        for ours, separate in zip(both, (q, s, qt, st)):
+            assert ours.shape == separate.shape and torch.equal(ours, separate)
+
+
 def test_interpreted_weight_dequant_matches_the_reference_exactly(interpreted):
     inputs, outputs = interpreted
     expected = weight_dequant_ref(inputs["w_q"].view(torch.float8_e4m3fn), inputs["w_s"],
@@ -155,6 +178,7 @@ def test_interpreted_fp8_gemm_matches_the_float64_dequantized_product(interprete
     exact = (dequantize_tiles(a_q, a_s, (1, 128), torch.float64)
              @ dequantize_tiles(b_q, b_s, b_tile, torch.float64).t())
     c = outputs[("gemm", M, N, K, b_tiles)]
+    assert torch.equal(outputs[("gemm k-major", M, N, K, b_tiles)], c)  # layout-blind
     assert c.shape == (M, N)
     assert _rel(c, exact) <= 1e-5
     assert _rel(c, fp8_gemm_ref(a_q, a_s, b_q, b_s, torch.float32)) <= 1e-6  # same order
@@ -212,6 +236,20 @@ def test_compiled_fp8_gemm_matches_the_float64_dequantized_product(M, N, K, b_ti
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [None, "ue8m0"])
+def test_compiled_both_tilings_in_one_pass_match_the_reference_bit_for_bit(fmt):
+    from dsv3lite.fp8 import kernels
+
+    x = _wide_range(1000, 4200, seed=7).to(device=_fp8_gpu(), dtype=torch.bfloat16)
+    ours = kernels.act_quant_both_triton(x, fmt)
+    reference = (*act_quant_ref(x, fmt), *act_quant_ref(x, fmt, True))
+    for got, want in zip(ours, reference):
+        assert got.shape == want.shape
+        assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got,
+                           want.view(torch.uint8) if want.element_size() == 1 else want)
+
+
+@pytest.mark.gpu
 def test_fp8_linear_on_cuda_matches_the_cpu_reference_path():
     device = _fp8_gpu()
     assert use_triton(torch.empty(1, device=device))
@@ -233,3 +271,11 @@ def test_fp8_linear_on_cuda_matches_the_cpu_reference_path():
 if __name__ == "__main__":  # the interpreted child process (see the module docstring)
     saved_inputs, outputs_path = torch.load(sys.argv[1]), sys.argv[2]
     torch.save(_run_kernels(saved_inputs), outputs_path)
+
+
+def test_gemm_autotune_key_has_no_raw_token_count():
+    """A Wgrad GEMM's K is the step's token count: keyed raw, MoE would re-tune constantly."""
+    from dsv3lite.fp8 import kernels
+
+    assert "K" not in kernels._GEMM_AUTOTUNE_KEY and "M" not in kernels._GEMM_AUTOTUNE_KEY
+    assert {"M_BUCKET", "K_BUCKET"} <= set(kernels._GEMM_AUTOTUNE_KEY)

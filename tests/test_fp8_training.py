@@ -82,6 +82,63 @@ def test_fp8_linear_runs_fprop_dgrad_and_wgrad_with_the_papers_tiling():
     assert _rel(linear.weight.grad, wgrad) <= 1e-5  # dy and x in 128x1 tiles (tokens)
 
 
+def test_weight_cache_quantizes_once_per_step_and_notices_in_place_updates(monkeypatch):
+    from dsv3lite.fp8 import linear as fp8_linear_module
+    from dsv3lite.fp8 import fp8_weight_cache
+
+    calls = []
+    real = fp8_linear_module.weight_quant
+    monkeypatch.setattr(fp8_linear_module, "weight_quant",
+                        lambda w, *a, **k: calls.append(w.shape) or real(w, *a, **k))
+    torch.manual_seed(0)
+    linear = FP8Linear(200, 150, bias=False)
+    xs = [torch.randn(40, 200) for _ in range(3)]
+
+    def micro_batches():
+        linear.weight.grad = None
+        ys = [linear(x) for x in xs]
+        for y in ys:
+            y.square().sum().backward()
+        return [y.detach() for y in ys], linear.weight.grad.clone()
+
+    plain_y, plain_grad = micro_batches()
+    assert len(calls) == 3  # without the cache: once per forward
+    calls.clear()
+    with fp8_weight_cache():
+        cached_y, cached_grad = micro_batches()
+        assert len(calls) == 1  # W and Wᵀ once for the step
+        with torch.no_grad():
+            linear.weight.mul_(1.5)  # an optimizer step inside would bump the version
+        updated = linear(xs[0]).detach()
+        assert len(calls) == 2
+    assert fp8_linear_module._weight_cache is None  # closed with the context
+    assert all(torch.equal(a, b) for a, b in zip(cached_y, plain_y))
+    assert torch.equal(cached_grad, plain_grad)
+    assert torch.equal(updated, linear(xs[0]).detach())  # the new weight, not the stale one
+
+
+@pytest.mark.parametrize("kind", ["for-loop", "foreach", "fused"])
+def test_an_optimizer_step_inside_the_weight_cache_invalidates_it(kind):
+    """Fused AdamW updates the weights without bumping their version (checked below), so
+    the version alone cannot guard the cache: a global optimizer-step hook empties it."""
+    from dsv3lite.fp8 import fp8_weight_cache
+
+    torch.manual_seed(0)
+    linear = FP8Linear(128, 128, bias=False)
+    x = torch.randn(8, 128)
+    options = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
+               "fused": dict(fused=True)}[kind]
+    opt = torch.optim.AdamW(linear.parameters(), lr=0.1, **options)
+    with fp8_weight_cache():
+        linear(x).sum().backward()
+        before = linear.weight._version
+        opt.step()
+        assert (linear.weight._version == before) is (kind == "fused")
+        after_step = linear(x).detach()
+    with torch.no_grad():
+        assert torch.equal(after_step, linear(x))  # quantized from the updated weight
+
+
 def test_fp8_linear_output_follows_autocast_and_weight_gradient_stays_fp32():
     linear = FP8Linear(256, 128, bias=False)
     x = torch.randn(64, 256, requires_grad=True)
@@ -129,7 +186,7 @@ def test_convert_swaps_attention_and_ffn_linears_and_keeps_the_rest_high_precisi
 def test_fp8_flag_keeps_state_dict_keys_and_parameter_counts():
     args = _args()
     plain, fp8 = Transformer(args), Transformer(args.replace(fp8=True))
-    assert isinstance(fp8.layers[1].ffn.experts[0].w1, FP8Linear)
+    assert fp8.layers[1].ffn.experts.fp8 and not plain.layers[1].ffn.experts.fp8
     assert {k: v.shape for k, v in plain.state_dict().items()} == {
         k: v.shape for k, v in fp8.state_dict().items()}
     assert sum(p.numel() for p in fp8.parameters()) == count_params(args).total_with_mtp

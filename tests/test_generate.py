@@ -7,7 +7,7 @@ import torch
 
 from dsv3lite import ModelArgs, Transformer
 from dsv3lite.generate import generate, main
-from dsv3lite.moe import MLP
+from dsv3lite.moe import MLP, GroupedExperts
 
 ATTN = ["absorbed", "naive"]
 
@@ -45,6 +45,8 @@ def _bigram_model(noise: float = 0.0) -> Transformer:
                 module.wo.weight.zero_()
             if isinstance(module, MLP):
                 module.w2.weight.zero_()
+            if isinstance(module, GroupedExperts):
+                module.w2.zero_()
         eh = model.mtp[0].eh_proj.weight
         eh.zero_()
         eh[:, args.dim:] = torch.eye(args.dim)

@@ -81,3 +81,42 @@ def test_bad_decode_arguments_raise_clear_errors():
         model(torch.zeros(1, args.max_seq_len + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="max_len=1000"):
         LatentKVCache(args, 1, max_len=1000)
+
+
+def test_causal_attention_with_padded_values_is_the_same_function():
+    """The CUDA path pads the value heads; padding by hand on the CPU shows it is exact."""
+    import torch.nn.functional as F
+
+    from dsv3lite.mla import causal_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 7, 3, 24), torch.randn(2, 7, 3, 24)
+    v = torch.randn(2, 7, 3, 16)
+    plain = causal_attention(q, k, v, 0.2)
+    padded = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, 8)).transpose(1, 2),
+        is_causal=True, scale=0.2).transpose(1, 2)
+    assert plain.shape == (2, 7, 3, 16)
+    torch.testing.assert_close(padded[..., :16], plain, rtol=1e-6, atol=1e-6)
+    assert padded[..., 16:].abs().max() == 0
+
+
+@pytest.mark.gpu
+def test_training_attention_runs_on_the_flash_kernel():
+    """With FlashAttention as the only allowed backend, MLA's training attention runs
+    (it raises if the shapes pushed it to the math fallback)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dsv3lite.mla import causal_attention
+
+    args = ModelArgs.h100()
+    q = torch.randn(2, 256, args.n_heads, args.qk_head_dim, device="cuda",
+                    dtype=torch.bfloat16)
+    k = torch.randn_like(q)
+    v = torch.randn(2, 256, args.n_heads, args.v_head_dim, device="cuda",
+                    dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = causal_attention(q, k, v, args.qk_head_dim ** -0.5)
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = causal_attention(q.float(), k.float(), v.float(), args.qk_head_dim ** -0.5)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -71,15 +70,6 @@ def test_dropping_mtp_changes_no_logits():
     torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)
 
 
-def test_tiny_forward_is_well_under_a_second_on_cpu():
-    model = Transformer(ModelArgs.tiny())
-    x, y = _batch(model.args, B=4, T=64)
-    model(x, y)  # warm-up
-    start = time.perf_counter()
-    model(x, y)
-    assert time.perf_counter() - start < 1.0
-
-
 def test_a_few_steps_fit_one_batch_and_update_the_balancer():
     args = ModelArgs.tiny(init_std=0.02)
     model = Transformer(args).train()
@@ -109,3 +99,53 @@ def test_wrong_input_shapes_raise_clear_errors():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="targets has shape"):
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_a_training_step_reads_nothing_back_to_the_host():
+    """Forward, backward and the bias update (sync=False) issue no .item(), .tolist(),
+    .cpu() or truth test of a tensor: nothing waits for the device."""
+    from torch.overrides import TorchFunctionMode
+
+    class Syncs(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("tolist", "item", "cpu", "__bool__"):
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = Transformer(ModelArgs.tiny()).train()
+    x, y = _batch(model.args, B=2, T=16)
+    with Syncs() as mode:
+        model(x, y).loss.total.backward()
+        model(x, y, return_logits=False).loss.total.backward()  # chunked loss (CUDA's)
+        vios = model.update_balance_biases(sync=False)
+    assert mode.calls == [] and all(isinstance(v, torch.Tensor) for v in vios)
+    with Syncs() as mode:
+        model.update_balance_biases()  # the default returns floats: it must sync
+    assert "cpu" in mode.calls  # the detector does see a sync
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager_without_graph_breaks():
+    """torch.compile(fullgraph=True) raises on any graph break. The GPU training path:
+    bf16 autocast (the dtype torch._grouped_mm needs when compiled) and the chunked loss."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.tiny(init_std=0.02)).train()
+    x, y = _batch(model.args, B=2, T=16)
+    compiled = torch.compile(model, fullgraph=True)
+    grads = []
+    for step in (compiled, model):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = step(x, y, return_logits=False).loss.total
+        loss.backward()
+        grads.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()
+                                    if p.grad is not None}))
+    (loss_c, g_c), (loss_e, g_e) = grads
+    assert loss_c == pytest.approx(loss_e, rel=2e-2)
+    assert g_c.keys() == g_e.keys()
+    for name, g in g_e.items():
+        assert torch.allclose(g_c[name], g, rtol=0.1, atol=0.05 * float(g.abs().max())), name

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dsv3lite import ModelArgs, MoE, Transformer, max_violation, sequence_balance_loss
-from dsv3lite.moe import Gate
+from dsv3lite.moe import BiasBalancer, Gate
 
 
 def _gate(args, std=0.1):
@@ -68,7 +68,8 @@ def test_dispatch_matches_a_token_by_token_reference():
     flat = x.reshape(-1, args.dim)
     gates, indices, _ = moe.gate(flat)
     ref = torch.stack([
-        moe.shared_experts(tok) + sum(g * moe.experts[int(e)](tok) for g, e in zip(gs, es))
+        moe.shared_experts(tok) + sum(g * moe.experts.expert(int(e), tok)
+                                      for g, e in zip(gs, es))
         for tok, gs, es in zip(flat, gates, indices)])
     torch.testing.assert_close(out.reshape(-1, args.dim), ref, atol=1e-5, rtol=1e-5)
 
@@ -125,8 +126,36 @@ def test_sequence_balance_loss_equals_alpha_at_perfect_balance():
     skewed = torch.tensor([[0, 1]] * 8)[None]  # everything to experts 0 and 1
     peaked = torch.full((1, 8, n_experts), 0.1).index_fill(-1, torch.tensor([0, 1]), 0.9)
     assert float(sequence_balance_loss(peaked, skewed, k, alpha)) > 2 * alpha
-    loss.backward()
-    assert scores.grad is not None  # the gradient flows through P_i only
+
+
+def test_sequence_balance_loss_gradient_has_its_closed_form():
+    """L = α/B Σ_b Σ_i f_bi P_bi, P_bi = 1/T Σ_t s_bti / S_bt, S_bt = Σ_j s_btj, f fixed:
+    ∂L/∂s_btk = α/(B·T) · (f_bk / S_bt − Σ_i f_bi s_bti / S_bt²)."""
+    torch.manual_seed(0)
+    B, T, n_experts, k, alpha = 2, 5, 6, 2, 1e-2
+    scores = torch.rand(B, T, n_experts, dtype=torch.float64).requires_grad_()
+    indices = torch.rand(B, T, n_experts).topk(k, dim=-1).indices
+    sequence_balance_loss(scores, indices, k, alpha).backward()
+    chosen = torch.zeros(B, T, n_experts, dtype=torch.float64).scatter_(-1, indices, 1.0)
+    f = chosen.sum(1) * n_experts / (k * T)                    # (B, N)
+    s = scores.detach()
+    S = s.sum(-1, keepdim=True)                                # (B, T, 1)
+    fs = (f[:, None, :] * s).sum(-1, keepdim=True)             # (B, T, 1)
+    want = alpha / (B * T) * (f[:, None, :] / S - fs / S ** 2)
+    torch.testing.assert_close(scores.grad, want, rtol=1e-12, atol=1e-15)
+
+
+def test_bias_update_is_exactly_plus_or_minus_gamma_and_leaves_ties_alone():
+    balancer = BiasBalancer(4)
+    balancer.record(torch.tensor([5, 3, 4, 4]))  # mean 4: over, under, at, at
+    vio = balancer.update(1e-3)
+    step = torch.tensor([-1e-3, 1e-3, 0.0, 0.0])  # fp32, like the bias
+    assert torch.equal(balancer.bias, step)
+    assert vio == pytest.approx(0.25)  # (5 − 4) / 4
+    assert balancer.counts.sum() == 0 and balancer.last_counts.tolist() == [5, 3, 4, 4]
+    balancer.record(torch.tensor([2, 2, 2, 2]))  # perfect balance: nothing moves
+    balancer.update(1e-3)
+    assert torch.equal(balancer.bias, step)
 
 
 def test_router_logits_and_sigmoid_stay_fp32_under_bf16_autocast():
@@ -159,3 +188,81 @@ def test_balancing_bias_and_counts_stay_fp32_after_model_to_bf16():
     assert torch.allclose(moved[moved > 0], torch.tensor(1e-3), atol=1e-6)
     assert (moved > 0).sum() >= 4
     assert model.state_dict()["layers.1.ffn.gate.balancer.bias"].dtype == torch.float32
+
+
+# ------------------------------------------------------------ grouped experts
+def _unit_gain_moe(impl: str, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(ModelArgs.tiny(moe_impl=impl, n_routed_experts=8, n_activated_experts=2))
+    with torch.no_grad():
+        for p in moe.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return moe.train()
+
+
+def test_grouped_experts_match_the_loop_forward_and_backward():
+    grouped, loop = _unit_gain_moe("grouped"), _unit_gain_moe("loop")
+    loop.load_state_dict(grouped.state_dict())
+    x = torch.randn(3, 5, 64)
+    xg, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yg, yl = grouped(xg), loop(xl)
+    assert torch.allclose(yg, yl, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(yg)
+    (yg * g).sum().backward()
+    (yl * g).sum().backward()
+    assert torch.allclose(xg.grad, xl.grad, atol=1e-5, rtol=1e-5)
+    for (name, a), (_, b) in zip(grouped.named_parameters(), loop.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-5), name
+    assert grouped.experts.w1.grad.abs().sum() > 0
+
+
+def test_grouped_experts_with_an_expert_that_gets_no_token():
+    grouped, loop = _unit_gain_moe("grouped"), _unit_gain_moe("loop")
+    loop.load_state_dict(grouped.state_dict())
+    grouped.gate.balancer.bias[0] = loop.gate.balancer.bias[0] = -100.0  # never chosen
+    x = torch.randn(2, 4, 64)
+    assert torch.allclose(grouped(x), loop(x), atol=1e-5, rtol=1e-5)
+    assert grouped.gate.balancer.counts[0] == 0
+
+
+def test_grouped_forward_reads_nothing_back_to_the_host():
+    from torch.overrides import TorchFunctionMode
+
+    class Syncs(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("tolist", "item", "cpu", "__bool__"):
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 4, 64)
+    for impl, expect_sync in (("grouped", False), ("loop", True)):
+        with Syncs() as mode:
+            _unit_gain_moe(impl)(x)
+        assert bool(mode.calls) == expect_sync, (impl, mode.calls)
+
+
+def test_checkpoints_with_one_linear_per_expert_still_load():
+    args = ModelArgs.tiny()
+    model = Transformer(args)
+    old = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            prefix, name = key.rsplit(".", 1)
+            for e in range(args.n_routed_experts):
+                old[f"{prefix}.{e}.{name}.weight"] = value[e].clone()
+        else:
+            old[key] = value
+    fresh = Transformer(args)
+    fresh.load_state_dict(old)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_moe_impl_is_validated():
+    with pytest.raises(ValueError, match="moe_impl='fast' is invalid"):
+        ModelArgs.tiny(moe_impl="fast")

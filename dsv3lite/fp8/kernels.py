@@ -33,8 +33,8 @@ from .e4m3 import E4M3_DTYPE, E4M3_MAX
 from .reference import (AMAX_FLOOR, BLOCK_SIZE, ceil_div, check_gemm_operands,
                         check_quantizable, check_scale_fmt)
 
-__all__ = ["INTERPRET", "act_quant_triton", "weight_quant_triton", "weight_dequant_triton",
-           "fp8_gemm_triton"]
+__all__ = ["INTERPRET", "act_quant_triton", "act_quant_both_triton", "weight_quant_triton",
+           "weight_dequant_triton", "fp8_gemm_triton"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 """Whether Triton runs its interpreter (read once, when Triton builds the kernels)."""
@@ -54,9 +54,10 @@ def _scale(amax, POW2_SCALES: tl.constexpr):
 
 @triton.jit
 def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr,
-                        stride_sr, POW2_SCALES: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """BLOCK_R rows x one 1xBLOCK_C tile of the (R, C) view x; q and s are row-major."""
+                        stride_sr, stride_sc, POW2_SCALES: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """BLOCK_R rows x one 1xBLOCK_C tile of the (R, C) view x; q is row-major, s any
+    layout (the wrappers write it K-major: stride_sr = 1)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
@@ -67,7 +68,35 @@ def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_
     q = tl.minimum(tl.maximum(q, -_E4M3_MAX), _E4M3_MAX)
     tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q.to(q_ptr.dtype.element_ty),
              mask=mask)
-    tl.store(s_ptr + rows * stride_sr + tl.program_id(1), s, mask=rows < R)
+    tl.store(s_ptr + rows * stride_sr + tl.program_id(1) * stride_sc, s, mask=rows < R)
+
+
+@triton.jit
+def _quant_both_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_xk,
+                       POW2_SCALES: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK x BLOCK tile of x (M, K), read once, quantized both ways.
+
+    1x128 tiles (one per row): q (M, K) row-major, s K-major (ceil(K/128), M).
+    128x1 tiles (one per column): qt (K, M) = the transposed layout Wgrad reads, and st
+    K-major (ceil(M/128), K).
+    """
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=mask, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    s = _scale(tl.max(ax, axis=1), POW2_SCALES)  # (BLOCK,) one per row
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -_E4M3_MAX), _E4M3_MAX)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(s_ptr + pid_k * M + rows, s, mask=rows < M)
+    st = _scale(tl.max(ax, axis=0), POW2_SCALES)  # (BLOCK,) one per column
+    qt = tl.minimum(tl.maximum(tl.math.div_rn(x, st[None, :]), -_E4M3_MAX), _E4M3_MAX)
+    tl.store(qt_ptr + cols[None, :] * M + rows[:, None], qt.to(qt_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(st_ptr + pid_m * K + cols, st, mask=cols < K)
 
 
 @triton.jit
@@ -101,14 +130,16 @@ def _weight_dequant_kernel(q_ptr, s_ptr, y_ptr, N, K, stride_qn, stride_qk, stri
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET,
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET, K_BUCKET,
                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                      stride_asm, stride_ask, stride_bsn, stride_bsk,
                      B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """c[M, N] = sum over K-blocks of (a_blk @ b_blk^T) * a_s[m, k] * b_s[n // B_SCALE_ROWS, k].
 
-    ``M_BUCKET`` (the next power of 2 of M) is only an autotuning key.
+    ``M_BUCKET`` and ``K_BUCKET`` (the next powers of 2 of M and K, capped) are only
+    autotuning keys: a Wgrad GEMM's K is the token count, which changes every step in
+    an MoE layer, and a raw K in the key would re-tune on every new value.
     """
     # Grouped launch order: GROUP_M row-tiles share their b columns while in L2.
     pid = tl.program_id(0)
@@ -149,34 +180,67 @@ _GEMM_CONFIGS = [
                                   (64, 128, 4, 4), (64, 128, 5, 4), (128, 64, 4, 4),
                                   (64, 64, 4, 4), (32, 128, 4, 4), (16, 64, 4, 4)]
 ]
+# Token counts never enter the key raw (see _fp8_gemm_kernel): M and K are bucketed.
+_GEMM_AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "B_SCALE_ROWS"]
 if INTERPRET:  # the interpreter cannot autotune: one fixed, modest tile
     _fp8_gemm = _fp8_gemm_kernel
     _GEMM_FIXED = dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8)
 else:
-    _fp8_gemm = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "B_SCALE_ROWS"])(
-        _fp8_gemm_kernel)
+    _fp8_gemm = triton.autotune(_GEMM_CONFIGS, key=_GEMM_AUTOTUNE_KEY)(_fp8_gemm_kernel)
     _GEMM_FIXED = {}
 _QUANT_ROWS = 64  # rows (1x128 tiles) per quantization program
 
 
 def act_quant_triton(x: torch.Tensor, scale_fmt: Optional[str] = None,
                      transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`~dsv3lite.fp8.reference.act_quant_ref` (same contract)."""
+    """Triton version of :func:`~dsv3lite.fp8.reference.act_quant_ref` (same contract).
+
+    Same values as the reference; the scales come K-major (a transposed view of a
+    contiguous (ceil(C/128), R) tensor), so a GEMM's K step reads the scales of
+    consecutive rows from consecutive addresses, the layout ``torch._scaled_mm`` expects.
+    """
     check_quantizable("x", x)
     check_scale_fmt(scale_fmt)
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     view = x2.t() if transpose else x2  # tiles run along the columns of this view
     R, C = view.shape
     q = torch.empty((R, C), dtype=E4M3_DTYPE, device=x.device)
-    s = torch.empty((R, ceil_div(C, BLOCK_SIZE)), dtype=torch.float32, device=x.device)
+    s = torch.empty((ceil_div(C, BLOCK_SIZE), R), dtype=torch.float32, device=x.device).t()
     if q.numel():
         grid = (triton.cdiv(R, _QUANT_ROWS), triton.cdiv(C, BLOCK_SIZE))
         _quant_tiles_kernel[grid](view, q, s, R, C, view.stride(0), view.stride(1), C,
-                                  s.stride(0), POW2_SCALES=scale_fmt == "ue8m0",
+                                  s.stride(0), s.stride(1),
+                                  POW2_SCALES=scale_fmt == "ue8m0",
                                   BLOCK_R=_QUANT_ROWS, BLOCK_C=BLOCK_SIZE, num_warps=8)
     if transpose:
         return q, s
     return q.view(x.shape), s.view(*x.shape[:-1], -1)
+
+
+def act_quant_both_triton(x: torch.Tensor, scale_fmt: Optional[str] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``act_quant_triton(x)`` and ``act_quant_triton(x, transpose=True)`` in one pass
+    that reads x once (Fprop's or Dgrad's 1x128 tiles plus Wgrad's 128x1 tiles).
+
+    Returns:
+        ``(q, s, qt, st)``: q like x and s (..., ceil(K/128)); qt (K, M) and
+        st (K, ceil(M/128)); both scale tensors K-major views, values equal to the
+        two separate calls.
+    """
+    check_quantizable("x", x)
+    check_scale_fmt(scale_fmt)
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    q = torch.empty((M, K), dtype=E4M3_DTYPE, device=x.device)
+    qt = torch.empty((K, M), dtype=E4M3_DTYPE, device=x.device)
+    s = torch.empty((ceil_div(K, BLOCK_SIZE), M), dtype=torch.float32, device=x.device)
+    st = torch.empty((ceil_div(M, BLOCK_SIZE), K), dtype=torch.float32, device=x.device)
+    if q.numel():
+        grid = (triton.cdiv(M, BLOCK_SIZE), triton.cdiv(K, BLOCK_SIZE))
+        _quant_both_kernel[grid](x2, q, s, qt, st, M, K, x2.stride(0), x2.stride(1),
+                                 POW2_SCALES=scale_fmt == "ue8m0", BLOCK=BLOCK_SIZE,
+                                 num_warps=8)
+    return q.view(x.shape), s.t().view(*x.shape[:-1], -1), qt, st.t()
 
 
 def weight_quant_triton(w: torch.Tensor,
@@ -230,6 +294,7 @@ def fp8_gemm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fp8_gemm[grid](a2, b, c, a_s2, b_s, M, N, K, min(triton.next_power_of_2(M), 8192),
+                    min(triton.next_power_of_2(K), 16384),
                     a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), c.stride(0),
                     c.stride(1), a_s2.stride(0), a_s2.stride(1), b_s.stride(0), b_s.stride(1),
                     B_SCALE_ROWS=b_scale_rows, BLOCK_K=BLOCK_SIZE, **_GEMM_FIXED)

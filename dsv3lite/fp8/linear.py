@@ -7,10 +7,13 @@ in FP8 with fp32 accumulation ([V3] §3.3, Fig. 6):
     Dgrad  dx = dy · W       dy in 1x128 tiles (along N),      W^T in 128x128 blocks
     Wgrad  dW = dy^T · x     dy and x in 128x1 tiles (along the tokens, Wgrad's K)
 
-The weight stays an fp32 master Parameter and is quantized afresh at every forward;
-the weight gradient comes out in fp32. The forward caches the input only in FP8, already
-re-tiled 128x1 for Wgrad, as the paper caches activations in FP8 (§3.3.3); both tilings
-are quantized from the high-precision x, so no value is quantized twice. The output
+The weight stays an fp32 master Parameter and is quantized at every forward, or once
+per optimizer step inside :func:`fp8_weight_cache` (for W and the Wᵀ blocks Dgrad
+reads), which a loop over several micro-batches per step should open; the weight
+gradient comes out in fp32. The forward caches the input only in FP8, already re-tiled
+128x1 for Wgrad, as the paper caches activations in FP8 (§3.3.3); both tilings are
+quantized from the high-precision x in one pass (:func:`~dsv3lite.fp8.ops.act_quant_both`),
+so no value is quantized twice, and likewise for the output gradient. The output
 dtype is the autocast dtype when autocast is on (bf16 on GPU, as in the paper),
 otherwise x's dtype.
 
@@ -28,16 +31,84 @@ converts. The absorbed MLA decode reads ``wkv_b.weight`` directly, in high preci
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..mla import MLA
 from ..moe import MLP
-from .ops import act_quant, fp8_gemm, weight_quant
+from .ops import act_quant, act_quant_both, fp8_gemm, weight_quant
 
-__all__ = ["FP8Linear", "fp8_linear", "convert_to_fp8", "is_fp8_eligible"]
+__all__ = ["FP8Linear", "fp8_linear", "convert_to_fp8", "is_fp8_eligible", "fp8_weight_cache",
+           "quantized_weight"]
+
+_weight_cache: Optional[dict] = None  # id(weight) -> entry, while fp8_weight_cache is open
+_hook = None  # the optimizer-step hook that empties the cache, registered on first use
+
+
+def _forget_weights(*_) -> None:
+    if _weight_cache is not None:
+        _weight_cache.clear()
+
+
+@contextlib.contextmanager
+def fp8_weight_cache() -> Iterator[None]:
+    """Quantize each FP8 weight once for everything run inside: one optimizer step.
+
+    With several micro-batches per optimizer step (gradient accumulation, a pipeline
+    schedule), the weights do not change between them, so W's 128x128 blocks and the
+    transposed blocks Dgrad needs are computed on first use and reused. Open it around
+    the micro-batches of one step and close it before ``optimizer.step()``. As guards,
+    any ``torch.optim`` step empties the cache (a global step hook), and an entry is
+    dropped when its weight's version changes (in-place writes; fused optimizers do not
+    bump it, hence the hook). Nesting is allowed (the outermost context owns the cache).
+    """
+    global _weight_cache, _hook
+    if _hook is None:
+        _hook = register_optimizer_step_post_hook(_forget_weights)
+    owner = _weight_cache is None
+    if owner:
+        _weight_cache = {}
+    try:
+        yield
+    finally:
+        if owner:
+            _weight_cache = None
+
+
+def _cache_entry(weight: torch.Tensor) -> Optional[dict]:
+    cache = _weight_cache
+    if cache is None or torch.compiler.is_compiling():
+        return None
+    entry = cache.get(id(weight))
+    if entry is None or entry["weight"] is not weight or entry["version"] != weight._version:
+        entry = cache[id(weight)] = {"weight": weight, "version": weight._version}
+    return entry
+
+
+def quantized_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight_quant(weight)``: W's 128x128 blocks, from the cache when
+    :func:`fp8_weight_cache` is open and W has not changed since it was quantized."""
+    entry = _cache_entry(weight)
+    if entry is None:
+        return weight_quant(weight.detach())
+    if "blocks" not in entry:
+        entry["blocks"] = weight_quant(weight.detach())
+    return entry["blocks"]
+
+
+def _transposed_blocks(weight: torch.Tensor, w_q: torch.Tensor,
+                       w_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wᵀ's 128x128 blocks for Dgrad: W's blocks transposed (exact), cached with them."""
+    entry = _cache_entry(weight)
+    if entry is None or entry.get("blocks", (None,))[0] is not w_q:
+        return w_q.t().contiguous(), w_s.t().contiguous()
+    if "transposed" not in entry:
+        entry["transposed"] = (w_q.t().contiguous(), w_s.t().contiguous())
+    return entry["transposed"]
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -47,11 +118,11 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _fprop(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-           out_dtype: torch.dtype):
-    """Fprop: (M, N) output, plus the quantized weight for Dgrad."""
-    w_q, w_s = weight_quant(weight)  # 128x128 blocks
-    x_q, x_s = act_quant(x2)  # 1x128 tiles
+def _fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor], out_dtype: torch.dtype):
+    """Fprop: (M, N) output from x's 1x128 tiles and W's 128x128 blocks, plus the
+    blocks (Dgrad transposes them)."""
+    w_q, w_s = quantized_weight(weight)
     y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype)
     if bias is not None:
         y = y + bias.to(out_dtype)
@@ -65,10 +136,14 @@ class _FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K) tokens x in_features
-        y, w_q, w_s = _fprop(x2, weight, bias, _output_dtype(x))
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        xt_q, xt_s = act_quant(x2, transpose=True) if needs_dw else (None, None)  # 128x1
+        if needs_dw:  # 1x128 tiles for Fprop and 128x1 tiles for Wgrad, one read of x
+            x_q, x_s, xt_q, xt_s = act_quant_both(x2)
+        else:
+            (x_q, x_s), xt_q, xt_s = act_quant(x2), None, None
+        y, w_q, w_s = _fprop(x_q, x_s, weight, bias, _output_dtype(x))
         ctx.save_for_backward(xt_q, xt_s, w_q if needs_dx else None, w_s if needs_dx else None)
+        ctx.weight = weight if needs_dx else None  # to find Wᵀ's blocks in the cache
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -77,12 +152,17 @@ class _FP8LinearFunction(torch.autograd.Function):
         xt_q, xt_s, w_q, w_s = ctx.saved_tensors
         dy = grad_y.reshape(-1, grad_y.shape[-1])  # (M, N)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dy_q, dy_s = act_quant(dy)  # 1x128 tiles along N, Dgrad's K
-            wt_q, wt_s = w_q.t().contiguous(), w_s.t().contiguous()  # W^T: (K, N) blocks
+        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if needs_dx and needs_dw:  # 1x128 tiles along N (Dgrad's K), 128x1 for Wgrad
+            dy_q, dy_s, dyt_q, dyt_s = act_quant_both(dy)
+        elif needs_dx:
+            dy_q, dy_s = act_quant(dy)
+        elif needs_dw:
+            dyt_q, dyt_s = act_quant(dy, transpose=True)
+        if needs_dx:
+            wt_q, wt_s = _transposed_blocks(ctx.weight, w_q, w_s)  # Wᵀ: (K, N) blocks
             dx = fp8_gemm(dy_q, dy_s, wt_q, wt_s, ctx.x_dtype).view(ctx.x_shape)  # Dgrad
-        if ctx.needs_input_grad[1]:
-            dyt_q, dyt_s = act_quant(dy, transpose=True)  # 128x1 tiles: (N, M)
+        if needs_dw:
             dw = fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32)  # Wgrad (N, K), fp32
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0)
@@ -104,7 +184,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor,
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FP8LinearFunction.apply(x, weight, bias)
-    y, _, _ = _fprop(x.reshape(-1, x.shape[-1]), weight, bias, _output_dtype(x))  # inference
+    y, _, _ = _fprop(*act_quant(x.reshape(-1, x.shape[-1])), weight, bias, _output_dtype(x))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -141,17 +221,25 @@ def is_fp8_eligible(owner: nn.Module, linear: nn.Module) -> bool:
 
 
 def convert_to_fp8(model: nn.Module) -> list[str]:
-    """Swap the eligible Linears of ``model`` for :class:`FP8Linear`, in place.
+    """Swap the eligible Linears of ``model`` for :class:`FP8Linear`, in place, and switch
+    the routed experts (:class:`~dsv3lite.moe.GroupedExperts`) to their FP8 path.
 
     Args:
         model: A :class:`~dsv3lite.Transformer` or any module containing MLA / MLP.
 
     Returns:
-        Qualified names of the Linears converted by this call (already converted
-        ones are left alone, so calling twice converts nothing more).
+        Qualified names of the Linears converted by this call, a routed expert's as
+        ``...experts.{e}.w1`` (already converted ones are left alone, so calling twice
+        converts nothing more).
     """
+    from ..moe import GroupedExperts
+
     converted = []
     for owner_name, owner in list(model.named_modules()):
+        if isinstance(owner, GroupedExperts) and not owner.fp8:
+            owner.fp8 = True  # grouped FP8 GEMMs on a GPU, else one expert at a time
+            converted += [f"{owner_name}.{e}.{w}" for e in range(owner.n_experts)
+                          for w in ("w1", "w2", "w3")]
         for child_name, child in list(owner.named_children()):
             if is_fp8_eligible(owner, child):
                 setattr(owner, child_name, FP8Linear.from_linear(child))

@@ -27,7 +27,8 @@ import torch
 from . import reference
 from .reference import BLOCK_SIZE
 
-__all__ = ["use_triton", "act_quant", "weight_quant", "weight_dequant", "fp8_gemm"]
+__all__ = ["use_triton", "act_quant", "act_quant_both", "weight_quant", "weight_dequant",
+           "fp8_gemm"]
 
 MIN_CAPABILITY = (8, 9)
 """FP8 tensor cores arrived with Ada (sm_89) and Hopper (sm_90)."""
@@ -93,6 +94,23 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: Optional
         from .kernels import act_quant_triton
         return act_quant_triton(x, scale_fmt, transpose)
     return reference.act_quant_ref(x, scale_fmt, transpose)
+
+
+def act_quant_both(x: torch.Tensor, scale_fmt: Optional[str] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both tilings of x at once: ``act_quant(x)`` and ``act_quant(x, transpose=True)``.
+
+    A training step needs both for the input of every FP8 Linear (Fprop and Wgrad) and
+    for every output gradient (Dgrad and Wgrad). The Triton kernel reads x once for both;
+    the reference simply makes the two calls. Same values either way.
+
+    Returns:
+        ``(q, s, qt, st)`` as the two calls return them.
+    """
+    if use_triton(x):
+        from .kernels import act_quant_both_triton
+        return act_quant_both_triton(x, scale_fmt)
+    return (*reference.act_quant_ref(x, scale_fmt), *reference.act_quant_ref(x, scale_fmt, True))
 
 
 def weight_quant(w: torch.Tensor, block_size: int = BLOCK_SIZE,

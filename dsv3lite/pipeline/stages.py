@@ -11,8 +11,9 @@ stage waits for) and W (weight gradients, which nobody waits for) ([ZB], Qi et a
 :class:`_LinearFunction`, whose backward returns the input gradient at once and, while
 :data:`WEIGHT_GRADS` is enabled, queues the weight-gradient GEMM as a closure; a ``W``
 op runs the oldest queued group (FIFO), as deepseek-ai/DualPipe's ``WeightGradStore``
-does. The other weights (norm gains, the router, the embedding) are small and get their
-gradients during B.
+does. The other weights get their gradients during B: the norm gains, the router and
+the embedding, which are small, and the routed experts, whose stacked weights run as
+grouped GEMMs (deferring those too would need a grouped weight-gradient closure).
 """
 
 from __future__ import annotations
