@@ -4,15 +4,18 @@
 balance (MaxVio per MoE layer, [LF] Eq. 4) against optimizer steps.
 ``plot_fp8_gemm(RESULTS)`` draws the GEMM throughput that ``benchmarks/fp8.py`` measured.
 ``plot_timeline(TIMELINE)`` draws a pipeline schedule like [V3] Fig. 5.
+``slider_frames(draw, values, label=...)`` is a slider for pages without a kernel.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["read_metrics", "plot_run", "latest_results", "plot_fp8_gemm", "plot_timeline"]
+__all__ = ["read_metrics", "plot_run", "latest_results", "plot_fp8_gemm", "plot_timeline",
+           "slider_frames"]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -192,3 +195,52 @@ def plot_timeline(timeline, ax=None, title: Optional[str] = None, labels: bool =
               frameon=False)
     fig.tight_layout()
     return fig
+
+
+def slider_frames(draw, values, *, label: str, figsize=(6.5, 3.6), interval: int = 700):
+    """A slider that works without a kernel: one precomputed frame per value.
+
+    The ipywidgets sliders of the chapters need a running kernel; a rendered page has
+    none. This draws ``draw(value, ax)`` for every value in advance and returns
+    matplotlib's JavaScript animation (frames embedded as PNGs, a frame slider and play
+    buttons, no network), which a static page can show.
+
+    Args:
+        draw: ``draw(value, ax)`` plots one value on ``ax``.
+        values: The slider positions, in order (at least one).
+        label: Name of the value, shown in each frame's title.
+        figsize, interval: Figure size and milliseconds between frames when playing.
+
+    Returns:
+        An ``IPython.display.HTML`` object (display it, or let it be a cell's value).
+    """
+    import matplotlib.pyplot as plt
+    from IPython.display import HTML
+    from matplotlib.animation import FuncAnimation
+
+    values = list(values)
+    if not values:
+        raise ValueError("values is empty: give at least one slider position")
+    fig, ax = plt.subplots(figsize=figsize)
+
+    def frame(i):
+        ax.clear()
+        draw(values[i], ax)
+        ax.set_title(f"{label} = {values[i]:.3g}  ({i + 1} of {len(values)})",
+                     fontsize="medium")
+
+    animation = FuncAnimation(fig, frame, frames=len(values), interval=interval)
+    html = animation.to_jshtml(default_mode="once")
+    plt.close(fig)
+    # matplotlib's player takes its button icons from a CDN stylesheet: drop the link and
+    # draw the buttons with plain characters, so that the page needs no network.
+    html = re.sub(r'<link rel="stylesheet"\s+href="https?://[^"]*font-awesome[^"]*">', "", html)
+    for icon, text in _PLAYER_ICONS.items():
+        html = html.replace(f'<i class="{icon}"></i>', text)
+    return HTML(html)
+
+
+_PLAYER_ICONS = {"fa fa-minus": "&minus;", "fa fa-plus": "+", "fa fa-fast-backward": "|&lt;",
+                 "fa fa-step-backward": "&lt;", "fa fa-play fa-flip-horizontal": "&#x25C0;",
+                 "fa fa-pause": "||", "fa fa-play": "&#x25B6;", "fa fa-step-forward": "&gt;",
+                 "fa fa-fast-forward": "&gt;|"}

@@ -2,7 +2,11 @@
 
 - AdamW with β = (0.9, 0.95), weight decay 0.1 (matrices only), gradient clipping 1.0
   and normal(0, 0.006) init ([V3] §4.2);
-- linear warmup, then cosine decay to a tenth of the peak learning rate;
+- the learning rate: ``lr_schedule="cosine"`` (default) warms up linearly, then decays
+  along a cosine to a tenth of the peak over the rest of the run; ``"v3"`` has the
+  paper's shape ([V3] §4.2), scaled from 14.8T tokens to the run: warmup, constant until
+  10T, cosine to a tenth over 4.3T, then constant phases at 2.2e-5 (333B tokens) and
+  7.3e-6 (the last 167B), i.e. 1/10 and 1/30 of the peak;
 - the MTP weight λ on the paper's shape, 0.3 then 0.1 after 10T of 14.8T tokens (68%);
 - the bias update speed γ on the paper's shape, 1e-3 then 0 for the last 500B of 14.8T
   tokens (the last 3.4%); the balancing-bias update runs after every optimizer step;
@@ -67,6 +71,8 @@ class TrainConfig:
         corpus: "shakespeare", "stdlib" or a folder of .txt files.
         batch_size, seq_len: Sequences per step and their length (<= the model's max_seq_len).
         lr, min_lr_ratio, warmup_steps: Peak learning rate, final/peak ratio, warmup steps.
+        lr_schedule: "cosine" (warmup, then cosine to ``min_lr_ratio`` over the rest) or
+            "v3" (the paper's phases, see the module docstring; :func:`lr_at`).
         weight_decay, beta1, beta2, grad_clip: AdamW and clipping ([V3] §4.2).
         mtp_lambda, mtp_lambda_late, mtp_switch: λ, its later value, and the run fraction
             at which it switches (10/14.8 in V3).
@@ -87,6 +93,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -123,15 +130,40 @@ class TrainConfig:
                              f"max_seq_len is {args.max_seq_len}")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} is invalid: must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is invalid: choose one of "
+                             f"{', '.join(LR_SCHEDULES)}")
+
+
+LR_SCHEDULES = ("cosine", "v3")
+# [V3] §4.2, in tokens (T = 1e12) of the 14.8T run: constant until 10T, cosine over 4.3T,
+# 2.2e-5 for 333B, 7.3e-6 for the last 167B (peak 2.2e-4).
+V3_LR_PHASES = (10.0 / 14.8, 14.3 / 14.8, 14.633 / 14.8)
+V3_LR_LATE = (2.2e-5 / 2.2e-4, 7.3e-6 / 2.2e-4)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): warmup, then cosine decay."""
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Both schedules start with ``warmup_steps`` of linear warmup. ``"cosine"`` then decays
+    to ``lr * min_lr_ratio`` over the rest of the run. ``"v3"`` follows [V3] §4.2 scaled to
+    the run: ``lr`` until 10/14.8 of the steps, a cosine to ``lr * min_lr_ratio`` until
+    14.3/14.8, then ``lr`` × 1/10 until 14.633/14.8 and ``lr`` × 7.3e-6/2.2e-4 (≈ 1/30) to
+    the end.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.lr_schedule == "v3":
+        constant_end, cosine_end, late_switch = (p * cfg.steps for p in V3_LR_PHASES)
+        if step < constant_end:
+            return cfg.lr
+        if step < cosine_end:
+            progress = (step - constant_end) / max(1.0, cosine_end - constant_end)
+            return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.lr * (V3_LR_LATE[0] if step < late_switch else V3_LR_LATE[1])
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -361,6 +393,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--lr-schedule", default=defaults.lr_schedule,
+                        help="cosine (default) or v3 (the paper's phases, scaled to --steps)")
     parser.add_argument("--log-interval", type=int, default=defaults.log_interval)
     parser.add_argument("--eval-interval", type=int, default=defaults.eval_interval)
     parser.add_argument("--ckpt-interval", type=int, default=defaults.ckpt_interval)
@@ -384,7 +418,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             cfg = TrainConfig(preset=ns.preset, steps=ns.steps,
                               out=ns.out or f"runs/{ns.preset}", corpus=ns.corpus,
                               batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr,
-                              warmup_steps=ns.warmup_steps, log_interval=ns.log_interval,
+                              warmup_steps=ns.warmup_steps, lr_schedule=ns.lr_schedule,
+                              log_interval=ns.log_interval,
                               eval_interval=ns.eval_interval, ckpt_interval=ns.ckpt_interval,
                               stop_after=ns.stop_after, seed=ns.seed, device=ns.device,
                               compile=ns.compile)

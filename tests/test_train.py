@@ -43,6 +43,25 @@ def test_schedules_follow_the_papers_shape():
     assert gamma_at(966, cfg) == 1e-3 and gamma_at(967, cfg) == 0.0  # last 500B of 14.8T
 
 
+def test_v3_learning_rate_schedule_has_the_papers_phases():
+    """[V3] §4.2 scaled to 14,800 steps, so that one step is 1B tokens: warmup, constant
+    to 10T, cosine to 2.2e-5 at 14.3T, 2.2e-5 for 333B, then 7.3e-6 for the last 167B."""
+    cfg = TrainConfig(steps=14800, lr=2.2e-4, warmup_steps=2, min_lr_ratio=0.1,
+                      lr_schedule="v3")
+    cfg.validate(cfg.model_args())
+    lr = [lr_at(s, cfg) for s in range(cfg.steps)]
+    assert lr[0] == pytest.approx(1.1e-4) and lr[1] == pytest.approx(2.2e-4)
+    assert lr[2] == lr[9999] == 2.2e-4  # constant until 10T
+    assert lr[10000] == pytest.approx(2.2e-4) and lr[12150] == pytest.approx(1.21e-4)
+    assert all(a >= b for a, b in zip(lr[10000:14300], lr[10001:14300]))
+    assert lr[14299] == pytest.approx(2.2e-5, rel=1e-4)  # the cosine's end
+    assert lr[14300] == lr[14632] == pytest.approx(2.2e-5)  # 333B at 2.2e-5
+    assert lr[14633] == lr[14799] == pytest.approx(7.3e-6)  # the last 167B
+    bad = TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="lr_schedule='linear' is invalid"):
+        bad.validate(bad.model_args())
+
+
 def test_metrics_hold_losses_throughput_and_max_violation(text_corpus, tmp_path):
     result = train(_cfg(text_corpus, tmp_path / "run", steps=4, eval_interval=3,
                         log_interval=2), progress=False)
@@ -132,3 +151,24 @@ def test_fp8_benchmark_results_are_found_and_plotted(tmp_path):
     assert "h200" in ax.get_title()
     with pytest.raises(ValueError, match="no 'gemm' rows"):
         plot_fp8_gemm({"device": "x"})
+
+
+def test_slider_frames_embed_one_drawn_frame_per_value():
+    """The kernel-free slider: every value drawn once, embedded as an image, no URL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dsv3lite.plot import slider_frames
+
+    drawn = []
+
+    def draw(value, ax):
+        drawn.append(value)
+        ax.plot([0, 1], [0, value])
+
+    html = slider_frames(draw, [1.0, 2.0, 3.0], label="slope").data
+    assert html.count("data:image/png;base64") == 3
+    assert sorted(set(drawn)) == [1.0, 2.0, 3.0]
+    assert "http://" not in html and "https://" not in html  # plays offline
+    with pytest.raises(ValueError, match="values is empty"):
+        slider_frames(draw, [], label="slope")
