@@ -228,6 +228,7 @@ def slider_frames(draw, values, *, label: str, figsize=(6.5, 3.6), interval: int
         draw(values[i], ax)
         ax.set_title(f"{label} = {values[i]:.3g}  ({i + 1} of {len(values)})",
                      fontsize="medium")
+        fig.tight_layout()  # keep the axis labels clear of the player's controls
 
     animation = FuncAnimation(fig, frame, frames=len(values), interval=interval)
     html = animation.to_jshtml(default_mode="once")
