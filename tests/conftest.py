@@ -1,5 +1,4 @@
 import inspect
-import json
 import pathlib
 
 import pytest
@@ -14,6 +13,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def host_syncs():
+    """A context manager class whose ``calls`` lists every .item(), .tolist(), .cpu() and
+    tensor truth test made inside it: the ways a step waits for the device."""
+    from torch.overrides import TorchFunctionMode
+
+    class HostSyncs(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("tolist", "item", "cpu", "__bool__"):
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    return HostSyncs
 
 
 @pytest.fixture(autouse=True)

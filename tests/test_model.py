@@ -101,29 +101,17 @@ def test_wrong_input_shapes_raise_clear_errors():
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_a_training_step_reads_nothing_back_to_the_host():
+def test_a_training_step_reads_nothing_back_to_the_host(host_syncs):
     """Forward, backward and the bias update (sync=False) issue no .item(), .tolist(),
     .cpu() or truth test of a tensor: nothing waits for the device."""
-    from torch.overrides import TorchFunctionMode
-
-    class Syncs(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("tolist", "item", "cpu", "__bool__"):
-                self.calls.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = Transformer(ModelArgs.tiny()).train()
     x, y = _batch(model.args, B=2, T=16)
-    with Syncs() as mode:
+    with host_syncs() as mode:
         model(x, y).loss.total.backward()
         model(x, y, return_logits=False).loss.total.backward()  # chunked loss (CUDA's)
         vios = model.update_balance_biases(sync=False)
     assert mode.calls == [] and all(isinstance(v, torch.Tensor) for v in vios)
-    with Syncs() as mode:
+    with host_syncs() as mode:
         model.update_balance_biases()  # the default returns floats: it must sync
     assert "cpu" in mode.calls  # the detector does see a sync
 

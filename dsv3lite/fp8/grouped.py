@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .e4m3 import E4M3_DTYPE
-from .ops import act_quant, act_quant_both, use_triton, weight_quant
+from .ops import act_quant, act_quant_both, output_dtype, use_triton, weight_quant
 from .reference import BLOCK_SIZE, ceil_div, fp8_gemm_ref
 
 __all__ = ["ALIGN", "padded_rows", "pad_segments", "unpad", "k_major", "grouped_weight_quant",
@@ -564,13 +564,6 @@ def _gemm_scales(s: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- autograd
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
 def _quantized_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """grouped_weight_quant(weight), once per optimizer step inside
     :func:`~dsv3lite.fp8.linear.fp8_weight_cache`."""
@@ -606,7 +599,7 @@ class _GroupedFP8LinearFunction(torch.autograd.Function):
             x_q, x_s, xt_q, xt_s = act_quant_both(x)
         else:
             (x_q, x_s), xt_q, xt_s = act_quant(x), None, None
-        y, w_q, w_s = _grouped_fprop(x_q, x_s, weight, ends, _output_dtype(x))
+        y, w_q, w_s = _grouped_fprop(x_q, x_s, weight, ends, output_dtype(x))
         ctx.save_for_backward(xt_q, xt_s, w_q if needs_dx else None,
                               w_s if needs_dx else None, ends)
         ctx.x_dtype = x.dtype
@@ -663,7 +656,7 @@ def grouped_fp8_linear(x_padded: torch.Tensor, w: torch.Tensor,
     _check_ends(ends, w.shape[0], x_padded.device)
     if torch.is_grad_enabled() and (x_padded.requires_grad or w.requires_grad):
         return _GroupedFP8LinearFunction.apply(x_padded, w, ends)
-    return _grouped_fprop(*act_quant(x_padded), w, ends, _output_dtype(x_padded))[0]
+    return _grouped_fprop(*act_quant(x_padded), w, ends, output_dtype(x_padded))[0]
 
 
 def grouped_fp8_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor,

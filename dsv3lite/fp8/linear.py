@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..mla import MLA
 from ..moe import MLP
-from .ops import act_quant, act_quant_both, fp8_gemm, weight_quant
+from .ops import act_quant, act_quant_both, fp8_gemm, output_dtype, weight_quant
 
 __all__ = ["FP8Linear", "fp8_linear", "convert_to_fp8", "is_fp8_eligible", "fp8_weight_cache",
            "quantized_weight"]
@@ -111,13 +111,6 @@ def _transposed_blocks(weight: torch.Tensor, w_q: torch.Tensor,
     return entry["transposed"]
 
 
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
 def _fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor], out_dtype: torch.dtype):
     """Fprop: (M, N) output from x's 1x128 tiles and W's 128x128 blocks, plus the
@@ -141,7 +134,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             x_q, x_s, xt_q, xt_s = act_quant_both(x2)
         else:
             (x_q, x_s), xt_q, xt_s = act_quant(x2), None, None
-        y, w_q, w_s = _fprop(x_q, x_s, weight, bias, _output_dtype(x))
+        y, w_q, w_s = _fprop(x_q, x_s, weight, bias, output_dtype(x))
         ctx.save_for_backward(xt_q, xt_s, w_q if needs_dx else None, w_s if needs_dx else None)
         ctx.weight = weight if needs_dx else None  # to find Wᵀ's blocks in the cache
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
@@ -184,7 +177,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor,
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FP8LinearFunction.apply(x, weight, bias)
-    y, _, _ = _fprop(*act_quant(x.reshape(-1, x.shape[-1])), weight, bias, _output_dtype(x))
+    y, _, _ = _fprop(*act_quant(x.reshape(-1, x.shape[-1])), weight, bias, output_dtype(x))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

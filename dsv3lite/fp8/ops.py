@@ -68,6 +68,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return True
 
 
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an FP8 layer returns for input ``x``: the autocast dtype when autocast is
+    on for x's device (bf16 on GPU, as in the paper), otherwise x's own dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def _check_block_size(block_size: int) -> None:
     if block_size != BLOCK_SIZE:
         raise ValueError(f"block_size={block_size} is invalid: the kernels and scale "
