@@ -567,14 +567,9 @@ def _gemm_scales(s: torch.Tensor) -> torch.Tensor:
 def _quantized_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """grouped_weight_quant(weight), once per optimizer step inside
     :func:`~dsv3lite.fp8.linear.fp8_weight_cache`."""
-    from .linear import _cache_entry  # linear imports the model modules: import late
+    from .linear import quantized_weight  # linear imports the model modules: import late
 
-    entry = _cache_entry(weight)
-    if entry is None:
-        return grouped_weight_quant(weight.detach())
-    if "blocks" not in entry:
-        entry["blocks"] = grouped_weight_quant(weight.detach())
-    return entry["blocks"]
+    return quantized_weight(weight, grouped_weight_quant)
 
 
 def _grouped_fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor,

@@ -89,14 +89,16 @@ def _cache_entry(weight: torch.Tensor) -> Optional[dict]:
     return entry
 
 
-def quantized_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight_quant(weight)``: W's 128x128 blocks, from the cache when
-    :func:`fp8_weight_cache` is open and W has not changed since it was quantized."""
+def quantized_weight(weight: torch.Tensor, quantize=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(weight)`` (default ``weight_quant``: W's 128x128 blocks), from the cache
+    when :func:`fp8_weight_cache` is open and W has not changed since it was quantized.
+    The grouped experts pass ``grouped_weight_quant`` for their stacked weights."""
+    quantize = quantize or weight_quant
     entry = _cache_entry(weight)
     if entry is None:
-        return weight_quant(weight.detach())
+        return quantize(weight.detach())
     if "blocks" not in entry:
-        entry["blocks"] = weight_quant(weight.detach())
+        entry["blocks"] = quantize(weight.detach())
     return entry["blocks"]
 
 
