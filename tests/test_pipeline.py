@@ -186,9 +186,15 @@ def test_simulator_rejects_bad_costs_and_detects_deadlock():
 
 
 # --------------------------------------------------------------------- executor
-EXECUTOR_CASES = [("1f1b", 2, 4), ("1f1b", 3, 4), ("zb1p", 2, 4), ("zb1p", 3, 4),
-                  ("dualpipe", 2, 4), ("dualpipe", 4, 8), ("dualpipev", 1, 2),
-                  ("dualpipev", 2, 4), ("dualpipev", 3, 6)]
+# Every schedule runs at its smallest size, and zb1p also with a middle rank (neither
+# first nor last). The larger cases take 8-11 s each on a 2-core CPU and run with
+# `make test SLOW=1`; chapter 6 also runs DualPipe on four processes in every book build.
+_larger = pytest.mark.slow
+EXECUTOR_CASES = [("1f1b", 2, 4), pytest.param("1f1b", 3, 4, marks=_larger),
+                  ("zb1p", 2, 4), ("zb1p", 3, 4),
+                  ("dualpipe", 2, 4), pytest.param("dualpipe", 4, 8, marks=_larger),
+                  ("dualpipev", 1, 2), ("dualpipev", 2, 4),
+                  pytest.param("dualpipev", 3, 6, marks=_larger)]
 
 
 @pytest.mark.parametrize("name, ranks, mb", EXECUTOR_CASES)
