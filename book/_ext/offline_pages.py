@@ -5,9 +5,13 @@
   on every page: identical scripts are kept once.
 - The theme's colour mode template variable is empty, which its JavaScript reports as
   an error before resetting it to "auto": pages start at "auto".
+- myst-nb's execution table (the Build report page) marks each notebook's status with an
+  emoji, which a system without an emoji font shows as an empty box, and lists the
+  notebook files' modification times, which say nothing about the build: it says "ran"
+  or "failed" instead, and drops that column.
 
 MathJax itself comes from the ``sphinx-mathjax-offline`` extension (served from
-``_static/mathjax``); tests/test_book_browser.py checks the pages in headless Chromium.
+``_static/mathjax``); tests/test_book.py checks the pages in headless Chromium.
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ def _fix_page(app, pagename, templatename, context, doctree) -> None:
     scripts[:] = kept
 
 
+def _plain_execution_table() -> None:
+    try:
+        from myst_nb.ext import execution_tables as table
+    except ImportError:  # another myst-nb layout: keep its defaults
+        return
+    table._key2transform["succeeded"] = lambda ok: "ran" if ok is True else "failed"
+    table._key2header.pop("mtime", None)
+
+
 def setup(app):
     app.connect("html-page-context", _fix_page, priority=900)
+    _plain_execution_table()
     return {"parallel_read_safe": True, "parallel_write_safe": True}
