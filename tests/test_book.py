@@ -58,6 +58,22 @@ def test_strict_book_build_executes_every_notebook(built_book):
     assert mathjax.exists(), "MathJax must be served from the build (sphinx-mathjax-offline)"
 
 
+@pytest.mark.book
+def test_build_report_lists_each_chapter_with_its_run_time(built_book):
+    """The Build report page has one row per chapter, with a run time and "ran"."""
+    returncode, log, html = built_book
+    assert returncode == 0, log
+    page = (html / "book" / "build_report.html").read_text()
+    rows = re.findall(r"<tr.*?</tr>", page, flags=re.S)
+    for name in [n for n in _toc_files() if n.startswith("notebooks/")]:
+        row = next((r for r in rows if name in r), None)
+        assert row is not None, f"{name} is missing from the build report"
+        cells = [c.strip() for c in re.findall(r"<p>(.*?)</p>", row, flags=re.S)]
+        assert "ran" in cells, f"{name}: {cells}"
+        assert any(re.fullmatch(r"\d+(\.\d+)?", c) for c in cells), f"{name}: {cells}"
+    assert "\u2705" not in page  # no emoji: offline fonts may not have it
+
+
 _CHECK_PAGE = r"""async () => {
     const images = Array.from(document.images);
     images.forEach(img => { img.loading = "eager"; });
