@@ -10,7 +10,7 @@ PYTEST_MARKS := $(if $(SLOW),,-m "not slow")
 .PHONY: install data book test gpu-check ipynb clean help
 
 help:
-	@echo "make book   install, execute every notebook, render HTML into _build/html"
+	@echo "make book   install, execute the notebooks (cached if unchanged), render HTML into _build/html"
 	@echo "make test   install, run every test (unit tests, notebooks, strict book build)"
 	@echo "make data   fetch and tokenize the Shakespeare corpus once into data/"
 	@echo "make gpu-check  on a CUDA machine: GPU tests and both benchmarks (JSON in benchmarks/results)"
@@ -35,7 +35,16 @@ $(DATA_STAMP): | $(STAMP)
 
 data: $(DATA_STAMP)
 
-book: install data
+# The execution cache keys on each notebook's code cells only, so it is emptied whenever
+# the package, the pins or the book's configuration change; a second `make book` with
+# none of these changed re-executes only the chapters whose code changed.
+CACHE := _build/.jupyter_cache
+CACHE_STAMP := _build/.cache-stamp
+$(CACHE_STAMP): $(shell find dsv3lite -name '*.py') requirements.txt pyproject.toml _config.yml
+	rm -rf $(CACHE)
+	@mkdir -p _build && touch $(CACHE_STAMP)
+
+book: install data $(CACHE_STAMP)
 	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
 	@echo "Book written to: $(CURDIR)/_build/html/index.html"
 
