@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="exit 1 if any outcome failed or any chapter did not run")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON file (default: benchmarks/results/robustness-cpu-<date>.json; "
-                        "'-' writes none)")
+                   help="JSON file (default: benchmarks/results/robustness-cpu-<date>.json, "
+                        "with -chNN-NN for a subset of the chapters; '-' writes none)")
     p.add_argument("--notebooks", type=Path, default=NOTEBOOKS,
                    help="folder of the chapters (default: the book's notebooks/)")
     p.add_argument("--execute", type=Path, help=argparse.SUPPRESS)
@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(runs)} runs in {total / 60:.1f} min")
 
     if str(args.out) != "-":
-        out = args.out or RESULTS / f"robustness-cpu-{datetime.date.today():%Y%m%d}.json"
+        part = "" if chapters == TRAINING_CHAPTERS else "-ch" + "-".join(chapters)
+        stamp = f"{datetime.date.today():%Y%m%d}{part}"
+        out = args.out or RESULTS / f"robustness-cpu-{stamp}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                    "settings": settings, "seeds": seeds, "chapters": chapters,
