@@ -22,6 +22,8 @@ to the bound) with the run that gave it. The JSON under ``benchmarks/results/`` 
 machine, the versions and every raw record.
 
 ``--check`` exits non-zero when any outcome failed (CI uses it for its portability run).
+``--merge A.json B.json ...`` reprints one table from earlier results files (for example
+one sweep per chapter) and, with ``--out``, writes them as one file.
 """
 
 from __future__ import annotations
@@ -151,6 +153,26 @@ def print_table(rows: list[dict], runs: list[dict]) -> None:
                   f"failed to run:\n{run['error'][-1500:]}")
 
 
+def merge(paths: list[Path], out: Path | None) -> int:
+    """One table (and, with ``out``, one file) from several results files."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    runs = [run for part in parts for run in part["runs"]]
+    rows = summarize(runs)
+    print_table(rows, runs)
+    if out is not None and str(out) != "-":
+        chapters = sorted({run["chapter"] for run in runs})
+        payload = {"machine": parts[0]["machine"], "merged_from": [p.name for p in paths],
+                   "date": max(part["date"] for part in parts), "chapters": chapters,
+                   "settings": {k: v for part in parts for k, v in part["settings"].items()},
+                   "wall_seconds": round(sum(part["wall_seconds"] for part in parts), 1),
+                   "outcomes": rows, "runs": runs}
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,12 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                         "with -chNN-NN for a subset of the chapters; '-' writes none)")
     p.add_argument("--notebooks", type=Path, default=NOTEBOOKS,
                    help="folder of the chapters (default: the book's notebooks/)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="tabulate these results files together instead of running")
     p.add_argument("--execute", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.execute:
         execute(args.execute)
         return 0
+    if args.merge:
+        return merge(args.merge, args.out)
 
     chapters = [c.strip() for c in args.chapters.split(",") if c.strip()]
     for c in chapters:

@@ -93,6 +93,13 @@ def test_robustness_script_tabulates_every_run(tmp_path):
     threads = {(r["setting"], r["seed"]): r["records"][1]["value"] for r in result["runs"]}
     assert threads[("1t", 0)] == 1.0  # the setting reached the kernel
     assert result["machine"]["torch"] and result["settings"]["1t"] == {"OMP_NUM_THREADS": "1"}
+    merged = tmp_path / "merged.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "robustness.py"), "--merge", str(out),
+         str(out), "--out", str(merged)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["outcome"]: r for r in json.loads(merged.read_text())["outcomes"]}
+    assert rows["seed below 1"]["runs"] == 6 and rows["seed below 1"]["held"] == 4
 
 
 def test_robustness_script_names_a_bad_argument():
