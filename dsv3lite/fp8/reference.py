@@ -277,5 +277,6 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
         for i in range(nk):
             k = slice(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)
             partial = a32[:, k] @ b32[:, k].t()  # (M, N): one K-block, unscaled
-            acc += partial * a_s2[:, i, None] * b_s_rows[None, :, i]  # dequantize, add
+            partial.mul_(a_s2[:, i, None]).mul_(b_s_rows[None, :, i])  # dequantize
+            acc += partial
     return acc.to(out_dtype or torch.get_default_dtype()).view(*a.shape[:-1], N)
