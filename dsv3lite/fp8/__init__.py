@@ -1,10 +1,12 @@
 """FP8 mixed-precision training with fine-grained scaling, DeepSeek-V3 style ([V3] §3.3).
 
 Every tensor that enters a Linear GEMM is stored in E4M3 (max 448, 3 mantissa bits)
-with one online scale per small tile: 1x128 for activations and gradients (128x1 when
-re-tiled for the weight gradient), 128x128 for weights. The GEMMs accumulate in fp32,
-multiplying in the two scales of every 128-wide K-block ([V3] §3.3.2; [V3-code]
-``inference/kernel.py``).
+with one online scale per small tile: 1x128 for activations and gradients, 128x1 for the
+weight gradient, 128x128 for weights. V3 gets the 128x1 tiles by re-quantizing its
+stored 1x128 FP8 tiles ([V3] §3.5.2); this package quantizes both tilings from high
+precision (:mod:`~dsv3lite.fp8.linear` says what that changes). The GEMMs promote their
+partial sums to fp32 every 128-wide K-block, multiplying in the two scales there
+([V3] §3.3.2; [V3-code] ``inference/kernel.py``).
 
 Modules, one idea each:
 

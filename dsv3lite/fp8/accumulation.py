@@ -1,13 +1,16 @@
 """Hopper's limited FP8 accumulation, emulated in PyTorch ([V3] §3.3.2 "Increasing
 Accumulation Precision", §3.5.2).
 
-An FP8 tensor-core instruction on Hopper (``wgmma``, K = 32 for FP8 inputs) adds its 32
-products to the accumulator by aligning every term to the largest exponent among them
-and keeping only about the **highest 14 bits**; the bits shifted out are dropped
-([V3] §3.3.2). Each of the 32 products of two E4M3 numbers is exact (4 x 4 significant
-bits), so all of the error comes from that alignment. Summed naively over a long K the
-accumulator grows, every new product is truncated relative to it, and DeepSeek measured
-a maximum relative error of nearly 2% at K = 4096.
+On the H800 the accumulation precision of FP8 GEMM is "limited to retaining around 14
+bits" ([V3] §3.3.2). §3.5.2 describes the adder: it aligns the 32 mantissa products of
+one instruction (``wgmma``, K = 32 for FP8 inputs) by right-shifting them to the largest
+exponent, "only uses the highest 14 bits of each mantissa product" and **truncates** the
+bits beyond; accumulating those sums into registers also uses 14-bit precision. Each
+product of two E4M3 numbers is exact (4 x 4 significant bits), so all of the error comes
+from the alignment and the narrow sum. Summed naively over a long K the accumulator
+grows, every new product is truncated relative to it, and on GEMMs of two random
+matrices (the report does not say how they were drawn) DeepSeek measured a maximum
+relative error of nearly 2% at K = 4096 (§3.3.2).
 
 The fix V3 uses: after every N_C = 128 elements (4 instructions) copy the partial sum to
 FP32 registers on the CUDA cores, multiply in the two scales of that 128-wide K-block,
@@ -21,9 +24,17 @@ This module models one output element as the hardware adds it:
         a = sum of each term truncated toward zero to a multiple of 2^(E - bits + 1)
 
 with ``bits = 14``, and optionally a promotion of ``a`` into an exact (FP32) sum every
-``promote_every`` elements. It is a model of the behaviour the report describes, not
-of undocumented hardware details (rounding inside the adder tree, the exact bit count):
-the tests and the chapter use it to size tolerances and to show the trend with K.
+``promote_every`` elements. It is a model, simpler than the report's two stages (the 32
+products aligned to the maximum exponent and truncated, then their sum accumulated into
+registers with 14-bit precision, the report not saying how that step rounds; "around 14
+bits" leaves the exact count open too): it aligns the running sum together with the 32
+products and truncates all 33 terms in one step. With the report's statistic, the
+largest element-wise relative error at K = 4096, the model errs more than the report's
+nearly 2% on same-sign random operands (about 7%, ``tests/test_fp8_accumulation.py``);
+on zero-mean operands that statistic is set by outputs that nearly cancel, not by the
+accumulator. The tests and the chapter use the model to show the trend with K and the
+effect of promotion, and to size the tolerance of promoted GEMMs, with a factor of four
+of room.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ __all__ = ["HOPPER_ACCUMULATOR_BITS", "WGMMA_K", "PROMOTION_INTERVAL", "truncate
            "limited_precision_matmul", "emulate_fp8_gemm", "promoted_gemm_tolerance"]
 
 HOPPER_ACCUMULATOR_BITS = 14
-"""Significant bits the FP8 tensor cores keep when adding ([V3] §3.3.2: "around 14 bits")."""
+"""Significant bits the FP8 tensor cores keep when adding ([V3] §3.3.2: "around 14 bits";
+§3.5.2: the highest 14 bits of each aligned product, the rest truncated)."""
 WGMMA_K = 32
 """K of one Hopper FP8 ``wgmma`` instruction: 32 products are added per step."""
 PROMOTION_INTERVAL = 128
@@ -142,11 +154,12 @@ def promoted_gemm_tolerance(accumulator_bits: int = HOPPER_ACCUMULATOR_BITS) -> 
     128 elements errs by about 2 · 2^-bits there, whatever K is: each 128-block's error
     is relative to that block's partial sum, and the K/128 blocks add up independently,
     like the result itself. The bound is four times that, 2^(3 - bits) (4.9e-4 for 14
-    bits): it leaves room for hardware that rounds a little differently from the
-    model, and it is still below the error of a GEMM that never promotes once K
-    reaches about 1024 (1.3e-3 at K = 4096). ``tests/test_fp8_accumulation.py`` checks
-    both sides. Same-sign operands err more (truncation toward zero then adds up
-    instead of cancelling), about 6e-4 promoted: this bound is not for them.
+    bits): it leaves room for hardware whose adder differs in detail from the model (how
+    the 14-bit register sum rounds, the "around" of "around 14 bits"), and it is still
+    below the error of a GEMM that never promotes once K reaches about 1024 (1.3e-3 at
+    K = 4096). ``tests/test_fp8_accumulation.py`` checks both sides. Same-sign operands
+    err more (truncation toward zero then adds up instead of cancelling), about 6e-4
+    promoted: this bound is not for them.
 
     Args:
         accumulator_bits: Bits the tensor cores keep (14 on Hopper, [V3] §3.3.2).

@@ -1,7 +1,7 @@
 """FP8 training of Linear layers: Fprop, Dgrad and Wgrad as block-scaled GEMMs ([V3] §3.3).
 
 A Linear y = x W^T costs three GEMMs per training step, and DeepSeek-V3 runs all three
-in FP8 with fp32 accumulation ([V3] §3.3, Fig. 6):
+in FP8, promoting the sums to fp32 every 128 elements ([V3] §3.3, Fig. 6):
 
     Fprop  y  = x  · W^T     x in 1x128 tiles (along K),       W in 128x128 blocks
     Dgrad  dx = dy · W       dy in 1x128 tiles (along N),      W^T in 128x128 blocks
@@ -10,12 +10,23 @@ in FP8 with fp32 accumulation ([V3] §3.3, Fig. 6):
 The weight stays an fp32 master Parameter and is quantized at every forward, or once
 per optimizer step inside :func:`fp8_weight_cache` (for W and the Wᵀ blocks Dgrad
 reads), which a loop over several micro-batches per step should open; the weight
-gradient comes out in fp32. The forward caches the input only in FP8, already re-tiled
-128x1 for Wgrad, as the paper caches activations in FP8 (§3.3.3); both tilings are
-quantized from the high-precision x in one pass (:func:`~dsv3lite.fp8.ops.act_quant_both`),
-so no value is quantized twice, and likewise for the output gradient. The output
-dtype is the autocast dtype when autocast is on (bf16 on GPU, as in the paper),
-otherwise x's dtype.
+gradient comes out in fp32. The output dtype is the autocast dtype when autocast is on
+(bf16 on GPU, as in the paper), otherwise x's dtype.
+
+**The second tiling: this package's design, not V3's.** Like the paper (§3.3.3), the
+forward caches the input for the backward pass only in FP8, but it gets Wgrad's 128x1
+tiles another way. V3 stores activations as 1x128 FP8 tiles; its backward pass reads
+them out, dequantizes them, transposes them and re-quantizes those FP8 values into 128x1
+tiles (§3.5.2). For the inputs of the Linear after attention it uses power-of-2 scales,
+so that this conversion adds no quantization error (§3.3.3). Here the forward quantizes
+both tilings from the high-precision x in one pass
+(:func:`~dsv3lite.fp8.ops.act_quant_both`), runs Fprop on the 1x128 tiles and caches the
+128x1 tiles; the backward does the same for the output gradient. What that changes:
+every value is rounded once instead of twice, so plain amax/448 scales lose nothing to
+re-tiling; and both tilings of x are held in memory together during the forward (one
+more FP8 copy of x and its scales, where V3 builds the second tiling in the backward).
+What stays cached from the forward to the backward is one FP8 copy of x in both designs.
+Chapter 5 (section 3) measures both routes.
 
 :func:`convert_to_fp8` swaps the eligible Linears of a model for :class:`FP8Linear`.
 Following §3.3.1 it converts the Linear projections of attention (MLA: ``wq``/``wq_a``,

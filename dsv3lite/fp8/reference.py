@@ -10,20 +10,23 @@ so the tile's largest element maps onto 448 and ``q · s`` recovers the tile. Th
 tiles follow the GEMM's inner dimension K ([V3] §3.3.2):
 
 - activations and output gradients: **1x128** (one token, 128 channels);
-- the same tensors re-tiled **128x1** (128 tokens, one channel) for the weight gradient,
-  whose inner dimension is the token axis;
+- the same tensors in **128x1** tiles (128 tokens, one channel) for the weight gradient,
+  whose inner dimension is the token axis (V3 re-quantizes its stored 1x128 FP8 tiles
+  into them, [V3] §3.5.2; this package quantizes them from high precision, see
+  :mod:`~dsv3lite.fp8.linear`);
 - weights: **128x128** blocks.
 
 The GEMM then multiplies each 128-wide K-block's partial product by its two scales and
-adds it to an fp32 accumulator, the paper's "promotion to CUDA cores every N_C = 128
-elements". This module is the reference every fast path is tested against.
+adds it to an fp32 accumulator: the paper's promotion to CUDA cores every N_C = 128
+elements ([V3] §3.3.2). This module is the reference every fast path is tested against.
 
 Dimensions that are not multiples of 128 are **zero-padded**: the last tile of a row
 (or block) simply holds fewer real elements, and its scale comes from those alone, as in
 the released checkpoints ([V3-code] ``inference/kernel.py``). Scale tensors therefore have
 ``ceil(n / 128)`` entries along a tiled axis. Optionally (``scale_fmt="ue8m0"``, the
-official name) scales are rounded up to a power of 2, as V3 does for the tensors it
-re-tiles or communicates ([V3] §3.3.3).
+official name) scales are rounded up to a power of 2, as V3 does for the inputs of the
+Linear after attention, which it re-tiles, and for the activations of the MoE dispatch
+([V3] §3.3.3).
 """
 
 from __future__ import annotations
