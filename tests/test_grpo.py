@@ -11,8 +11,9 @@ import torch
 from dsv3lite import ModelArgs, Transformer
 from dsv3lite.checkpoint import load_model
 from dsv3lite.generate import generate
-from dsv3lite.grpo import (AdditionTask, GRPOConfig, group_advantages, grpo_loss, kl_k3,
-                           sample, sequence_logprobs, train_grpo)
+from dsv3lite.grpo import (AdditionTask, GRPOConfig, clip_fraction, group_advantages,
+                           grpo_loss, kl_k3, sample, sequence_logprobs, train_grpo)
+from dsv3lite.grpo import trainer as trainer_module
 from dsv3lite.grpo.__main__ import main
 
 EPS = 1e-4
@@ -113,6 +114,25 @@ def test_k3_is_nonnegative_and_unbiased():
     assert (k3 >= 0).all()
     exact_kl = float((p * (p.log() - q.log())).sum())
     assert float((p * k3).sum()) == pytest.approx(exact_kl, rel=1e-5)  # E_p[k3] = KL(p‖q)
+    # sampled from another policy (q, as π_θold after μ > 1 updates), it is not KL(p‖q)
+    assert abs(float((q * k3).sum()) - exact_kl) > 0.1 * exact_kl
+
+
+def test_k3_loss_gradient_is_that_of_the_reverse_kl():
+    """E_{o~π_θ}[∇ k3(o)] = ∇ KL(π_ref‖π_θ), not ∇ KL(π_θ‖π_ref) (arXiv 2506.09477)."""
+    torch.manual_seed(0)
+    logits = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(20, dtype=torch.float64), 0)
+    logp = torch.log_softmax(logits, 0)
+    # the expectation over sampled tokens, with the sampling weights held fixed (a loss)
+    expected = (logp.exp().detach() * kl_k3(logp, ref)).sum()
+    grad_k3, = torch.autograd.grad(expected, logits)
+    reverse = (ref.exp() * (ref - torch.log_softmax(logits, 0))).sum()   # KL(π_ref‖π_θ)
+    forward = (torch.softmax(logits, 0) * (torch.log_softmax(logits, 0) - ref)).sum()
+    grad_reverse, = torch.autograd.grad(reverse, logits)
+    grad_forward, = torch.autograd.grad(forward, logits)
+    assert torch.allclose(grad_k3, grad_reverse, atol=1e-12)
+    assert (grad_k3 - grad_forward).abs().max() > 0.05
 
 
 def _plain_loss(logp, old, adv, mask, ref, beta, eps, eps_high, loss_type, max_len):
@@ -168,12 +188,29 @@ def test_gradient_matches_a_plain_rederivation(loss_type, beta):
     (dict(mask=torch.ones(3, 3)), r"mask has shape \(3, 3\)"),
     (dict(advantages=torch.zeros(3)), r"advantages has shape \(3,\)"),
     (dict(beta=0.1), "ref_logprobs is None"),
+    (dict(epsilon=-0.1), "epsilon=-0.1 is invalid"),
+    (dict(epsilon_high=-0.1), r"epsilon_high=-0.1 is invalid: must be a number >= 0 "
+                              r"\(the clip's upper end is 1 \+ epsilon_high\), or None"),
+    (dict(epsilon_high=float("nan")), "epsilon_high=nan is invalid"),
+    (dict(epsilon_high="0.3"), "epsilon_high='0.3' is invalid"),
 ])
 def test_loss_errors_name_the_argument(kwargs, message):
     logp, old, adv, mask = _fixed()
     args = dict(logprobs=logp, old_logprobs=old, advantages=adv, mask=mask) | kwargs
     with pytest.raises(ValueError, match=message):
         grpo_loss(**args)
+
+
+def test_epsilon_high_is_validated_everywhere():
+    logp, old, adv, mask = _fixed()
+    with pytest.raises(ValueError, match="epsilon_high=-1 is invalid"):
+        clip_fraction(logp, old, adv, mask, epsilon_high=-1)
+    with pytest.raises(ValueError, match="epsilon_high=-0.5 is invalid"):
+        GRPOConfig(epsilon_high=-0.5).validate()
+    with pytest.raises(ValueError, match="epsilon=-0.5 is invalid"):
+        GRPOConfig(epsilon=-0.5).validate()
+    GRPOConfig(epsilon_high=0.28).validate()  # DAPO's clip-higher is allowed
+    GRPOConfig(epsilon=10.0).validate()        # R1's ε = 10 too
 
 
 # ---------------------------------------------------------------------- rollouts
@@ -215,6 +252,28 @@ def test_rollout_logprobs_equal_a_full_forward():
     again = sample(model, prompts, 5, temperature=1.0, stop_id=4,
                    generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.tokens, roll.tokens)  # seeded sampling reproduces
+
+
+def test_top_k_rollout_logprobs_are_those_of_the_truncated_distribution():
+    model = _model(1)
+    prompts = torch.randint(2, 15, (8, 4), generator=torch.Generator().manual_seed(0))
+    k, temperature = 3, 0.8
+    roll = sample(model, prompts, 5, temperature=temperature, top_k=k,
+                  generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(roll.tokens[:, :-1]).logits[:, roll.prompt_len - 1:].float()
+        tempered = torch.log_softmax(logits / temperature, dim=-1)
+        kth = tempered.topk(k, dim=-1).values[..., -1:]
+        truncated = tempered.masked_fill(tempered < kth, float("-inf")).log_softmax(-1)
+        want = truncated.gather(-1, roll.completions.unsqueeze(-1)).squeeze(-1)
+        untruncated = sequence_logprobs(model, roll.tokens, roll.prompt_len, temperature)
+    m = roll.mask
+    assert torch.isfinite(want[m]).all()  # every sampled token is among the top k
+    assert torch.allclose(roll.logprobs[m], want[m], atol=1e-5)
+    # renormalising over k < V tokens raises every sampled token's log-prob
+    assert (roll.logprobs[m] > untruncated[m] + 1e-4).all()
+    with pytest.raises(ValueError, match="top_k=0 is invalid"):
+        sample(model, prompts, 5, top_k=0)
 
 
 def test_sample_rejects_bad_arguments():
@@ -263,11 +322,25 @@ def _cfg(tmp_path, **kw):
     return GRPOConfig(**(base | kw))
 
 
-def test_resume_continues_exactly(tmp_path):
-    whole = train_grpo(_cfg(tmp_path / "a"), progress=False)
-    first = train_grpo(_cfg(tmp_path / "b", stop_after=2), progress=False)
+def _distinct_rewards(self, completions, problems):
+    """Every completion its own reward (0, 1, 2, ...): no group has zero advantage."""
+    n = len(completions)
+    return torch.arange(n, dtype=torch.float32), torch.zeros(n), torch.zeros(n)
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    # the KL term and the control, from an untrained model (no warm-up) that every
+    # reward moves: their own state (π_ref, the permutations) must resume exactly too
+    {"beta": 0.04, "shuffle_rewards": True, "warmup_steps": 0, "distinct_rewards": True}])
+def test_resume_continues_exactly(tmp_path, monkeypatch, changes):
+    changes = dict(changes)
+    if changes.pop("distinct_rewards", False):
+        monkeypatch.setattr(AdditionTask, "rewards", _distinct_rewards)
+    whole = train_grpo(_cfg(tmp_path / "a", **changes), progress=False)
+    first = train_grpo(_cfg(tmp_path / "b", stop_after=2, **changes), progress=False)
     assert first.records[-1]["step"] == 2
-    rest = train_grpo(_cfg(tmp_path / "b"), resume=True, progress=False)
+    rest = train_grpo(_cfg(tmp_path / "b", **changes), resume=True, progress=False)
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, rest.model.state_dict()[key]), key
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
@@ -287,7 +360,77 @@ def test_bias_is_frozen_during_rl_and_the_policy_moves(tmp_path):
     assert changed
     grpo = [r for r in result.records if r["phase"] == "grpo"]
     assert len(grpo) == 3 and all(0 <= r["zero_variance_groups"] <= 1 for r in grpo)
-    assert all(r["kl"] >= 0 for r in grpo)
+
+
+def _count_frozen_forwards(monkeypatch):
+    """Count sequence_logprobs calls on a model without trainable parameters (π_ref)."""
+    calls = []
+    real = trainer_module.sequence_logprobs
+
+    def counting(model, *args, **kwargs):
+        calls.append(not any(p.requires_grad for p in model.parameters()))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sequence_logprobs", counting)
+    return calls
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_the_reference_runs_only_when_beta_is_positive(tmp_path, monkeypatch, beta):
+    calls = _count_frozen_forwards(monkeypatch)
+    result = train_grpo(_cfg(tmp_path, steps=2, beta=beta, warmup_steps=0), progress=False)
+    grpo = [r for r in result.records if r["phase"] == "grpo"]
+    # per step: one π_θold forward and μ = 1 policy forward, plus π_ref when β > 0
+    assert len(calls) == 2 * (3 if beta > 0 else 2)
+    assert sum(calls) == (2 if beta > 0 else 0)
+    if beta > 0:
+        assert all(r["kl"] >= 0 for r in grpo)
+    else:
+        assert all("kl" not in r for r in grpo)
+
+
+def test_logged_loss_is_the_mean_over_the_mu_updates(tmp_path, monkeypatch):
+    losses = []
+    real = trainer_module.grpo_loss
+
+    def recording(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        losses.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(trainer_module, "grpo_loss", recording)
+    monkeypatch.setattr(AdditionTask, "rewards", _distinct_rewards)
+    result = train_grpo(_cfg(tmp_path, steps=2, mu=3, warmup_steps=0), progress=False)
+    grpo = [r for r in result.records if r["phase"] == "grpo"]
+    assert len(losses) == 6
+    for step, record in enumerate(grpo):
+        mine = losses[3 * step: 3 * step + 3]
+        assert record["loss"] == pytest.approx(sum(mine) / 3, abs=1e-12)
+        assert mine[-1] != pytest.approx(sum(mine) / 3)  # the last one alone differs
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shuffle_rewards_permutes_them_across_the_batch(tmp_path, monkeypatch, shuffle):
+    seen = []
+    real = trainer_module.group_advantages
+
+    def recording(rewards, *args, **kwargs):
+        seen.append(rewards.clone())
+        return real(rewards, *args, **kwargs)
+
+    monkeypatch.setattr(AdditionTask, "rewards", _distinct_rewards)
+    monkeypatch.setattr(trainer_module, "group_advantages", recording)
+    result = train_grpo(_cfg(tmp_path, steps=2, shuffle_rewards=shuffle, warmup_steps=0),
+                        progress=False)
+    n = 4 * 4  # prompts_per_step × group_size
+    assert len(seen) == 2
+    for rewards in seen:
+        assert sorted(rewards.tolist()) == list(range(n))  # a permutation of the batch
+        moved_groups = (rewards.view(-1, 4) // 4 != torch.arange(4)[:, None]).any()
+        assert bool(moved_groups) == shuffle  # ... that mixes the groups
+    assert not torch.equal(seen[0], seen[1]) or not shuffle  # a new one every step
+    grpo = [r for r in result.records if r["phase"] == "grpo"]
+    assert all(r["reward"] == pytest.approx((n - 1) / 2) for r in grpo)  # true rewards
 
 
 def test_one_update_raises_the_logprob_of_rewarded_completions():
@@ -318,6 +461,8 @@ def test_one_update_raises_the_logprob_of_rewarded_completions():
     (["--group-size", "1"], "group_size=1 is invalid"),
     (["--scale-rewards", "std"], "scale_rewards='std' is invalid"),
     (["--beta", "-1"], "beta=-1.0 is invalid"),
+    (["--epsilon-high", "-0.5"], "epsilon_high=-0.5 is invalid"),
+    (["--temperature", "0"], "temperature=0.0 is invalid"),
     (["--task", "countdown"], "task='countdown' is invalid"),
     (["--steps", "ten"], "invalid int value"),
     (["--resume"], "no checkpoint in"),
@@ -328,3 +473,15 @@ def test_cli_errors_are_one_clear_line(argv, message, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_cli_passes_epsilon_high_temperature_and_the_control(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--out", str(out), "--steps", "1", "--warmup-steps", "0",
+                 "--prompts-per-step", "2", "--group-size", "2", "--epsilon-high", "0.28",
+                 "--temperature", "0.7", "--shuffle-rewards", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "step-000001" / "state.json").read_text())["config"]
+    assert (saved["epsilon_high"], saved["temperature"], saved["shuffle_rewards"]) == \
+        (0.28, 0.7, True)
+    assert saved["epsilon"] == GRPOConfig().epsilon

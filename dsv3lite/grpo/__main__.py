@@ -40,7 +40,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
     parser.add_argument("--mu", type=int, default=d.mu, help="updates per sampling round")
     parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--epsilon", type=float, default=d.epsilon)
+    parser.add_argument("--epsilon", type=float, default=d.epsilon,
+                        help="clip range [1 - epsilon, 1 + epsilon-high]")
+    parser.add_argument("--epsilon-high", type=float, default=d.epsilon_high,
+                        help="upper clip (default: --epsilon)")
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help="sampling temperature of the rollouts (> 0)")
+    parser.add_argument("--shuffle-rewards", action="store_true",
+                        help="control run: permute the rewards across the batch")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     parser.add_argument("--init-from", default=None, help="a warm-up model to start from")
     parser.add_argument("--stop-after", type=int, default=None)
@@ -58,7 +65,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                              loss_type=ns.loss_type, beta=ns.beta, group_size=ns.group_size,
                              scale_rewards=ns.scale_rewards,
                              prompts_per_step=ns.prompts_per_step, mu=ns.mu, lr=ns.lr,
-                             epsilon=ns.epsilon, warmup_steps=ns.warmup_steps,
+                             epsilon=ns.epsilon, epsilon_high=ns.epsilon_high,
+                             temperature=ns.temperature,
+                             shuffle_rewards=ns.shuffle_rewards,
+                             warmup_steps=ns.warmup_steps,
                              init_from=ns.init_from, stop_after=ns.stop_after, seed=ns.seed)
         cfg.validate()
         result = train_grpo(cfg, resume=ns.resume, progress=not ns.no_progress)

@@ -8,8 +8,12 @@ q from the old policy and maximises, per token,
 with ρ_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θold(o_{i,t} | q, o_{i,<t}). There is no
 value model: the baseline is the mean reward of the G outputs of the *same* question,
 Â_i = (r_i − mean(r)) / std(r) for every token of o_i (outcome supervision, §4.1.2).
-The KL term is estimated per token with π_ref/π_θ − log(π_ref/π_θ) − 1 (Eq. 4), which is
-never negative and unbiased (Schulman's "k3").
+The KL term is estimated per token with π_ref/π_θ − log(π_ref/π_θ) − 1 (Eq. 4, Schulman's
+"k3"). It is never negative. Its value is an unbiased estimate of KL(π_θ ‖ π_ref) only
+for tokens sampled from π_θ itself, i.e. at the first (with μ = 1 the only) update of a
+batch. Used as a loss term, its expected gradient is the gradient of the *other*
+direction, KL(π_ref ‖ π_θ): E_{o~π_θ}[∇(π_ref/π_θ − log(π_ref/π_θ) − 1)]
+= Σ_o (π_θ − π_ref) ∇log π_θ = −Σ_o π_ref ∇log π_θ (arXiv 2506.09477).
 
 How the per-token terms become one number is where implementations differ. We follow
 TRL's ``GRPOTrainer`` definitions for token-level importance sampling without gradient
@@ -18,8 +22,13 @@ accumulation ([TRL] ``grpo_trainer.py``, ``_compute_loss``):
 - ``"grpo"``: each sequence's mean over its tokens, then the mean over sequences
   (DeepSeekMath's 1/G Σ_i 1/|o_i| Σ_t); it weights a token of a short answer more;
 - ``"dr_grpo"``: the sum over all tokens / (B × max_completion_length) (Dr. GRPO);
-- ``"dapo"`` and ``"bnpo"``: the sum / the number of completion tokens in the batch
-  (identical here: they differ only across accumulated micro-batches).
+- ``"dapo"`` and ``"bnpo"``: the sum / the number of completion tokens in the batch.
+  They are identical here, where one call sees the whole batch. In TRL they differ when
+  a batch is split, across accumulated micro-batches or across processes: ``"bnpo"``
+  divides by the local micro-batch's token count, ``"dapo"`` by the whole batch's.
+
+``"dr_grpo"`` and ``"dapo"`` differ by a constant factor only within one batch: DAPO's
+denominator, the batch's token count, changes from batch to batch, Dr. GRPO's does not.
 """
 
 from __future__ import annotations
@@ -91,6 +100,20 @@ def _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs) -> Non
                          f"({logprobs.shape[0]},), one per sequence")
 
 
+def _clip_range(epsilon: float, epsilon_high: Optional[float]) -> float:
+    """Validate ε and ε_high; returns ε_high (= ε when None)."""
+    if not epsilon >= 0:  # also rejects NaN
+        raise ValueError(f"epsilon={epsilon} is invalid: must be >= 0")
+    if epsilon_high is None:
+        return epsilon
+    if isinstance(epsilon_high, bool) or not isinstance(epsilon_high, (int, float)) \
+            or not epsilon_high >= 0:
+        raise ValueError(f"epsilon_high={epsilon_high!r} is invalid: must be a number >= 0 "
+                         f"(the clip's upper end is 1 + epsilon_high), or None to use "
+                         f"epsilon={epsilon}")
+    return float(epsilon_high)
+
+
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, ref_logprobs: Optional[torch.Tensor] = None,
               beta: float = 0.0, epsilon: float = 0.2, epsilon_high: Optional[float] = None,
@@ -105,7 +128,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         mask: (B, T) 1 for completion tokens, 0 for padding.
         ref_logprobs: (B, T) log π_ref, needed when ``beta > 0``.
         beta: KL coefficient β.
-        epsilon, epsilon_high: Clip range [1 − ε, 1 + ε_high]; ε_high = ε unless given.
+        epsilon, epsilon_high: Clip range [1 − ε, 1 + ε_high]; ε_high = ε unless given
+            (None). Both must be >= 0.
         loss_type: ``"grpo"``, ``"dr_grpo"``, ``"dapo"`` or ``"bnpo"`` (module docstring).
         max_completion_length: The denominator's length for ``"dr_grpo"`` (default T).
 
@@ -121,9 +145,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     if beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is None: beta > 0 needs the reference policy's "
                          "log-probs")
-    if not epsilon >= 0:
-        raise ValueError(f"epsilon={epsilon} is invalid: must be >= 0")
-    eps_high = epsilon if epsilon_high is None else epsilon_high
+    eps_high = _clip_range(epsilon, epsilon_high)
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs)                      # ρ, (B, T)
     adv = advantages.to(logprobs.dtype).unsqueeze(1)                # (B, 1)
@@ -147,7 +169,7 @@ def clip_fraction(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                   advantages: torch.Tensor, mask: torch.Tensor, epsilon: float = 0.2,
                   epsilon_high: Optional[float] = None) -> float:
     """Share of completion tokens whose clipped term is the active one (no gradient)."""
-    eps_high = epsilon if epsilon_high is None else epsilon_high
+    eps_high = _clip_range(epsilon, epsilon_high)
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.unsqueeze(1)
     clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))

@@ -32,8 +32,11 @@ class Rollout:
         tokens: (N, P + T) prompts followed by completions (``pad_id`` after a stop).
         completions: (N, T) the completion part of ``tokens``.
         mask: (N, T) True for generated tokens, the stop token included.
-        logprobs: (N, T) log-probability of each sampled token under the sampling
-            distribution (0 where ``mask`` is False).
+        logprobs: (N, T) log-probability of each sampled token under the distribution
+            it was drawn from: the tempered softmax, renormalised over the ``top_k``
+            most likely tokens when ``top_k`` truncates it (0 where ``mask`` is False).
+            Without truncation this is :func:`sequence_logprobs` at the same
+            temperature; greedy decoding (temperature 0) records the untempered softmax.
         prompt_len: P.
     """
 
@@ -70,7 +73,8 @@ def sample(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, *,
         prompts: (N, P) token ids, all prompts of the same length P.
         max_new_tokens: Most tokens per completion; P + this must fit ``max_seq_len``.
         temperature: Softmax temperature (0 = greedy).
-        top_k: Sample among the ``top_k`` most likely tokens only (None = all).
+        top_k: Sample among the ``top_k`` most likely tokens only (None = all); the
+            recorded log-probs are then those of the truncated distribution.
         stop_id: A sequence is finished after producing it (None: never).
         pad_id: Written after a sequence has finished.
         generator: Random generator for reproducible sampling.
@@ -91,6 +95,10 @@ def sample(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, *,
                          f"the new ones must fit max_seq_len={model.args.max_seq_len}")
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 1, or None "
+                         "(no truncation)")
     was_training = model.training
     model.eval()
     try:
@@ -107,6 +115,7 @@ def sample(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, *,
                 if top_k is not None and top_k < scores.shape[-1]:
                     kth = scores.topk(top_k, dim=-1).values[:, -1:]
                     scores = scores.masked_fill(scores < kth, float("-inf"))
+                    logp = scores.log_softmax(dim=-1)  # what is sampled: the top k only
                 probs = scores.softmax(dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)

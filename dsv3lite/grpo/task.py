@@ -6,8 +6,9 @@ reward model, to avoid reward hacking ([R1] §2.2.2). This task is the smallest 
 with the same shape: the prompt is ``" 7+45="`` (numbers right-aligned to a fixed
 width, so that every prompt has the same length), the completion must be the sum's
 digits written least significant first (``"25"`` for 52: the order of column addition,
-which a two-layer model learns in seconds; most-significant-first needs the carries
-before it can write the first digit) followed by the end token, and
+which lets each digit depend only on the digits already written and one carry;
+most-significant-first needs the carries before it can write the first digit) followed
+by the end token, and
 
 - ``format_reward`` is 1 when the completion is 1 to ``digits + 1`` digits and ended
   with the end token (it stopped by itself), else 0;

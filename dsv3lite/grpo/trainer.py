@@ -9,7 +9,9 @@
 2. **GRPO steps** ([Math] §4.1, Alg. 1 without the reward-model retraining): sample G
    completions for each of ``prompts_per_step`` prompts, score them with the rule-based
    rewards, turn rewards into group-relative advantages, record the sampling policy's
-   log-probs (π_θold), then run μ updates of :func:`~dsv3lite.grpo.grpo_loss`.
+   log-probs (π_θold), then run μ updates of :func:`~dsv3lite.grpo.grpo_loss`. With
+   β = 0 there is no KL term, so the frozen reference is neither kept nor run (as in
+   [TRL], which does not load it then).
 
 The balancing bias stays frozen during RL: the update runs with γ = 0 (it only resets the
 expert counts and reports MaxVio), as V3 does for the last 500B tokens of pre-training
@@ -18,7 +20,17 @@ their load would reshape the routing learned on the broad data; and routing that
 changes between sampling and the update would make π_θold and π_θ differ for a reason
 that has nothing to do with the policy gradient.
 
-Metrics go to ``DIR/metrics.jsonl`` every step; checkpoints are atomic
+A control, ``shuffle_rewards``: the batch's rewards are permuted at random across all
+its completions (and groups) before the advantages, so that a completion's advantage no
+longer says anything about that completion. Whatever such a run learns does not come
+from the reward.
+
+Metrics go to ``DIR/metrics.jsonl`` every step: the batch's mean ``reward``, ``accuracy``
+and ``format`` (the true ones, also under ``shuffle_rewards``), the share of
+``zero_variance_groups`` (of the rewards the advantages use), ``kl`` (the k3 estimate of KL(π_θold ‖ π_ref) per token, only
+when β > 0), ``clip_fraction`` (at the last of the μ updates: at the first, ρ ≡ 1),
+``completion_length``, ``loss`` (the mean over the μ updates), ``max_vio`` and
+``seconds``; every ``eval_interval`` steps also ``heldout_accuracy``. Checkpoints are atomic
 (:mod:`dsv3lite.checkpoint`) and hold the optimizer and random states, so ``resume``
 continues exactly where a run stopped.
 """
@@ -39,7 +51,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_model, load_training_state, save_checkpoint
 from ..config import ModelArgs
 from ..model import Transformer
-from .objective import LOSS_TYPES, SCALES, clip_fraction, group_advantages, grpo_loss, kl_k3
+from .objective import (LOSS_TYPES, SCALES, _clip_range, clip_fraction, group_advantages,
+                        grpo_loss, kl_k3)
 from .rollout import sample, sequence_logprobs
 from .task import AdditionTask
 
@@ -59,9 +72,13 @@ class GRPOConfig:
         prompts_per_step, group_size: Prompts per step and G completions per prompt.
         mu: Updates per sampling round (μ; 1 makes ρ ≡ 1 in value, [Math] §4.2).
         lr: AdamW learning rate of the RL phase.
-        beta, epsilon, epsilon_high: KL coefficient and clip range.
+        beta, epsilon, epsilon_high: KL coefficient and clip range [1 − ε, 1 + ε_high]
+            (ε_high = ε when None).
         loss_type, scale_rewards: See :func:`grpo_loss` and :func:`group_advantages`.
-        temperature: Sampling temperature of the rollouts.
+        temperature: Sampling temperature of the rollouts (the policy is the tempered
+            softmax).
+        shuffle_rewards: A control: permute the rewards across the batch before the
+            advantages (module docstring).
         warmup_steps, warmup_lr, warmup_batch_size, warmup_target: The supervised
             warm-up: at most ``warmup_steps`` steps, stopped once the greedy held-out
             accuracy reaches ``warmup_target`` (checked every ``warmup_eval_interval``).
@@ -87,6 +104,7 @@ class GRPOConfig:
     loss_type: str = "grpo"
     scale_rewards: str = "group"
     temperature: float = 1.0
+    shuffle_rewards: bool = False
     warmup_steps: int = 600
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 64
@@ -135,8 +153,9 @@ class GRPOConfig:
         for name in ("lr", "warmup_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be > 0")
-        if self.beta < 0:
+        if not self.beta >= 0:
             raise ValueError(f"beta={self.beta} is invalid: must be >= 0")
+        _clip_range(self.epsilon, self.epsilon_high)
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} is invalid: GRPO samples, "
                              "so it must be > 0")
@@ -228,7 +247,7 @@ def train_grpo(cfg: GRPOConfig, *, resume: bool = False, progress: bool = True) 
         saved = load_training_state(ckpt)
         start = state["step"]
         warm_acc = state["warmup_accuracy"]
-        reference, _ = load_model(out / "warmup")
+        reference = load_model(out / "warmup")[0] if cfg.beta > 0 else None
         rng = random.Random()
         rng.setstate(saved["python_rng"])
         generator = torch.Generator().manual_seed(0)
@@ -252,13 +271,16 @@ def train_grpo(cfg: GRPOConfig, *, resume: bool = False, progress: bool = True) 
         log({"phase": "warmup_done", "step": warm_steps, "heldout_accuracy": warm_acc})
         save_checkpoint(out / "warmup", model, 0, state={"warmup_accuracy": warm_acc,
                                                          "warmup_steps": warm_steps})
-        reference = Transformer(model.args)
-        reference.load_state_dict(model.state_dict())
+        reference = None
+        if cfg.beta > 0:  # the frozen π_ref of the KL term
+            reference = Transformer(model.args)
+            reference.load_state_dict(model.state_dict())
         start = 0
         generator = torch.Generator().manual_seed(cfg.seed)
         optimizer = _optimizer(model, cfg)
     model.train()
-    reference.eval().requires_grad_(False)
+    if reference is not None:
+        reference.eval().requires_grad_(False)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     G = cfg.group_size
     accuracy = warm_acc
@@ -270,11 +292,19 @@ def train_grpo(cfg: GRPOConfig, *, resume: bool = False, progress: bool = True) 
                       temperature=cfg.temperature, stop_id=tok.EOS, pad_id=tok.PAD,
                       generator=generator)
         rewards, acc, fmt = task.rewards(roll.completion_lists(), problems)
-        advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        scored = rewards
+        if cfg.shuffle_rewards:  # the control; its own generator, so resume stays exact
+            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            scored = rewards[torch.randperm(len(rewards), generator=shuffle)]
+        advantages = group_advantages(scored, G, cfg.scale_rewards)
         mask = roll.mask
+        ref = None
         with torch.no_grad():
             old = sequence_logprobs(model, roll.tokens, roll.prompt_len, cfg.temperature)
-            ref = sequence_logprobs(reference, roll.tokens, roll.prompt_len, cfg.temperature)
+            if reference is not None:
+                ref = sequence_logprobs(reference, roll.tokens, roll.prompt_len,
+                                        cfg.temperature)
+        losses = []
         for _ in range(cfg.mu):
             new = sequence_logprobs(model, roll.tokens, roll.prompt_len, cfg.temperature)
             loss = grpo_loss(new, old, advantages, mask, ref_logprobs=ref, beta=cfg.beta,
@@ -282,19 +312,22 @@ def train_grpo(cfg: GRPOConfig, *, resume: bool = False, progress: bool = True) 
                              loss_type=cfg.loss_type,
                              max_completion_length=task.max_completion_len)
             clipped = clip_fraction(new, old, advantages, mask, cfg.epsilon, cfg.epsilon_high)
+            losses.append(float(loss.detach()))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         max_vio = model.update_balance_biases(gamma=0.0)  # bias frozen during RL
-        spread = rewards.view(-1, G).std(dim=1)
+        spread = scored.view(-1, G).std(dim=1)
         record = {"phase": "grpo", "step": step + 1, "reward": float(rewards.mean()),
                   "accuracy": float(acc.mean()), "format": float(fmt.mean()),
-                  "zero_variance_groups": float((spread == 0).float().mean()),
-                  "kl": float((kl_k3(old, ref) * mask).sum() / mask.sum()),
-                  "clip_fraction": clipped, "completion_length": float(roll.lengths.float().mean()),
-                  "loss": float(loss.detach()), "max_vio": max_vio,
-                  "seconds": time.perf_counter() - start_time}
+                  "zero_variance_groups": float((spread == 0).float().mean())}
+        if ref is not None:
+            record["kl"] = float((kl_k3(old, ref) * mask).sum() / mask.sum())
+        record.update({"clip_fraction": clipped,
+                       "completion_length": float(roll.lengths.float().mean()),
+                       "loss": sum(losses) / len(losses), "max_vio": max_vio,
+                       "seconds": time.perf_counter() - start_time})
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
             accuracy = evaluate(model, task, cfg.eval_size)
             record["heldout_accuracy"] = accuracy
