@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import pathlib
 import subprocess
 import sys
 import time
@@ -12,40 +13,73 @@ import torch
 from dsv3lite.pipeline import (Op, Schedule, build_schedule, cal_diff, check, run_pipeline,
                                simulate, table2, table2_bubble)
 from dsv3lite.pipeline.__main__ import main
-from dsv3lite.pipeline.check import check_args, make_microbatches, make_model
+from dsv3lite.pipeline.check import (GRAD_COS_DIFF_MAX, check_args, make_microbatches,
+                                     make_model)
 
-# deepseek-ai/DualPipe's step() order, as the issue pins it (fact sheet §6.2).
-DUALPIPE_4x10 = [
-    "F0:0 F0:1 F0:2 F1:0 B1:0 W1:0 F1:1 FB(F0:3|B1:1) FB(F1:2|B0:0) FB(F0:4|B1:2) "
-    "FB(F1:3|B0:1) B1:3 FB(F1:4|B0:2) B1:4 B0:3 W0:3 B0:4 W0:4",
-    "F0:0 F1:0 F0:1 F1:1 F0:2 B1:0 FB(F1:2|B0:0) FB(F0:3|B1:1) FB(F1:3|B0:1) FB(F0:4|B1:2) "
-    "FB(F1:4|B0:2) B1:3 B0:3 B1:4 B0:4 W1:4 W0:4",
-]
-DUALPIPEV_2x4 = [
-    "F0:0 F0:1 F0:2 F1:0 B1:0 W1:0 F1:1 FB(F0:3|B1:1) FB(F1:2|B0:0) B1:2 FB(F1:3|B0:1) "
-    "B1:3 B0:2 W0:2 B0:3 W0:3",
-    "F0:0 F1:0 F0:1 F1:1 F0:2 B1:0 FB(F1:2|B0:0) FB(F0:3|B1:1) FB(F1:3|B0:1) B1:2 B0:2 "
-    "B1:3 B0:3 W1:3 W0:3",
-]
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "dualpipe_orders.json"
+OFFICIAL = json.loads(FIXTURE.read_text())
 
 
-def _swap_directions(ops: str) -> str:
-    return ops.replace("F0:", "F#:").replace("F1:", "F0:").replace("F#:", "F1:") \
-              .replace("B0:", "B#:").replace("B1:", "B0:").replace("B#:", "B1:") \
-              .replace("W0:", "W#:").replace("W1:", "W0:").replace("W#:", "W1:")
+def _official_mismatches(case: str) -> list[str]:
+    """Where our schedule differs from the order recorded from deepseek-ai/DualPipe's own
+    step() for ``case`` ('<name>:<ranks>:<micro-batches>'), training and forward-only."""
+    name, ranks, mb = case.split(":")
+    s = build_schedule(name, int(ranks), int(mb))
+    want = OFFICIAL["cases"][case]
+    found = []
+    for r in range(s.n_ranks):
+        if [op.key() for op in s.orders[r]] != want["train"][r]:
+            found.append(f"rank {r} train")
+        if s.part_keys(r, forward_only=True) != want["forward_only"][r]:
+            found.append(f"rank {r} forward-only")
+    return found
 
 
-def test_dualpipe_order_is_the_official_one():
-    orders = [" ".join(o) for o in build_schedule("dualpipe", 4, 10).order_strings()]
-    assert orders[:2] == DUALPIPE_4x10
-    # ranks 2 and 3 mirror ranks 1 and 0 with the directions swapped
-    assert orders[2] == _swap_directions(DUALPIPE_4x10[1])
-    assert orders[3] == _swap_directions(DUALPIPE_4x10[0])
+def test_official_orders_fixture_says_where_it_came_from():
+    assert OFFICIAL["repository"] == "https://github.com/deepseek-ai/DualPipe"
+    assert OFFICIAL["commit"] == "3da1bbea53606543d7f5f232338fc58096db30e3"
+    assert OFFICIAL["script"] == "tests/fixtures/make_dualpipe_orders.py"
+    assert (FIXTURE.parent / "make_dualpipe_orders.py").exists()
+    cases = {tuple(k.split(":")[:2]) for k in OFFICIAL["cases"]}
+    assert {("dualpipe", str(r)) for r in (2, 4, 6, 8, 10)} <= cases
+    assert {("dualpipev", str(r)) for r in range(1, 9)} <= cases
+    assert FIXTURE.stat().st_size < 1_000_000
 
 
-def test_dualpipev_order_is_the_official_one():
-    orders = [" ".join(o) for o in build_schedule("dualpipev", 2, 4).order_strings()]
-    assert orders == DUALPIPEV_2x4
+@pytest.mark.parametrize("case", sorted(OFFICIAL["cases"]))
+def test_dualpipe_orders_equal_the_official_code(case):
+    """Every rank's op list, op for op (pairs, deferred W's, micro-batches, stages), is
+    the one deepseek-ai/DualPipe's step() ran; and its forward-only step's forwards."""
+    assert _official_mismatches(case) == []
+
+
+def test_official_order_comparison_fails_on_a_wrong_schedule(monkeypatch):
+    """Two plausible mistakes, each caught: deferred W's run newest first instead of
+    FIFO, and the middle ranks' first main-phase step paired like the others."""
+    from dsv3lite.pipeline import schedules
+
+    def lifo(self):
+        b = self.deferred.pop()
+        self.order.append(Op("W", b.direction, b.microbatch, b.stage, b.batch))
+
+    with monkeypatch.context() as m:
+        m.setattr(schedules._RankBuilder, "weight", lifo)
+        assert _official_mismatches("dualpipe:8:20") != []
+        assert _official_mismatches("dualpipev:4:20") != []
+    phases = schedules._dualpipe_phases
+    monkeypatch.setattr(schedules, "_dualpipe_phases",
+                        lambda rb, *a, unpaired_first: phases(rb, *a, unpaired_first=False))
+    assert _official_mismatches("dualpipe:4:10") == ["rank 1 train", "rank 2 train"]
+    assert _official_mismatches("dualpipev:2:4") == ["rank 1 train"]
+
+
+def test_op_keys_name_what_each_op_computes():
+    s = build_schedule("dualpipe", 4, 10)
+    assert [op.key() for op in s.orders[0][:7]] == [
+        "F:s0:m0", "F:s0:m1", "F:s0:m2", "F:s3:m5", "B:s3:m5:zb", "W:s3:m5", "F:s3:m6"]
+    assert s.orders[0][7].key() == "FB(F:s0:m3|B:s3:m6)"
+    assert s.part_keys(0)[7:9] == ["F:s0:m3", "B:s3:m6"]
+    assert all(k.startswith("F:") for k in s.part_keys(0, forward_only=True))
 
 
 CASES = [("1f1b", 1, 3), ("1f1b", 4, 8), ("zb1p", 4, 7), ("zb1p", 3, 3), ("dualpipe", 2, 4),
@@ -153,6 +187,60 @@ def test_1f1b_bubble_formula_holds_for_any_costs():
         assert t.makespan == pytest.approx((13 + 5) * (F + B))
 
 
+GRID = [(F, B, W) for F in (0.5, 1.0, 1.5, 2.0) for B in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+        for W in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0) if W <= B]
+
+
+def _formula_holds(name: str, ranks: int, mb: int, pp: int, costs) -> tuple[bool, bool]:
+    """(the formula is the largest bubble, it is every rank's bubble)."""
+    t = simulate(build_schedule(name, ranks, mb), *costs)
+    f = table2_bubble(name, pp, *costs)
+    return (max(t.idle) == pytest.approx(f, abs=1e-9),
+            max(t.idle) - min(t.idle) == pytest.approx(0, abs=1e-9))
+
+
+def test_zb1p_formula_holds_whenever_a_W_fits_the_gaps():
+    """ZB1P's (PP−1)(F+B−2W) is every rank's bubble exactly when W <= F and
+    W <= B − W, not only at 1:2:1; beyond that a W no longer fits the gap it fills."""
+    for costs in GRID:
+        F, B, W = costs
+        for pp, mb in ((4, 9), (8, 20)):
+            holds, even = _formula_holds("zb1p", pp, mb, pp, costs)
+            assert (holds and even) == (W <= F and W <= B - W), (costs, pp)
+
+
+def test_dualpipe_formula_needs_the_input_backward_to_cost_a_forward():
+    """DualPipe's (PP/2−1)(F&B+B−3W), with F&B = F + B, is the simulated bubble of
+    every rank when B − W = F and W <= F (1:2:1 is one such point; B = F with W = 0
+    another), and of no rank otherwise, on this grid: far narrower than ZB1P's."""
+    for costs in GRID:
+        F, B, W = costs
+        for name, ranks, pp in (("dualpipe", 8, 8), ("dualpipe", 4, 4), ("dualpipev", 4, 8)):
+            holds, even = _formula_holds(name, ranks, 20, pp, costs)
+            assert holds == (B - W == F and W <= F), (costs, name, ranks)
+            assert even or not holds
+
+
+def test_dualpipe_outer_ranks_pair_less_and_idle_less_when_pairs_overlap():
+    """At 8 ranks and 20 micro-batches the outer ranks run the fewest F&B pairs; when a
+    pair costs less than F + B they are busy longer, so they idle less."""
+    s = build_schedule("dualpipe", 8, 20)
+    assert [sum(op.kind == "FB" for op in o) for o in s.orders] == [9, 10, 11, 11, 11, 11, 10, 9]
+    idle = simulate(s, 1.0, 2.0, 1.0, FB=2.5).idle
+    assert idle[0] < idle[1] < idle[3] and idle == idle[::-1]
+
+
+def test_deferred_W_memory_is_counted():
+    """A deferred W keeps its Linears' inputs alive after its B freed the rest: 1F1B
+    defers none, ZB1P's rank r holds r + 1 at once, DualPipe's middle ranks the most."""
+    peak = {n: simulate(build_schedule(n, 8 if n != "dualpipev" else 4, 20)).peak_deferred_w
+            for n in ("1f1b", "zb1p", "dualpipe", "dualpipev")}
+    assert peak["1f1b"] == [0] * 8
+    assert peak["zb1p"] == list(range(1, 9))
+    assert peak["dualpipe"] == [1, 2, 3, 4, 4, 3, 2, 1]
+    assert peak["dualpipev"] == [1, 2, 3, 4]
+
+
 def test_dualpipe_bubble_does_not_grow_with_microbatches():
     idles = {mb: simulate(build_schedule("dualpipe", 8, mb)).idle for mb in (16, 24, 40)}
     assert idles[16] == idles[24] == idles[40]
@@ -201,10 +289,14 @@ EXECUTOR_CASES = [("1f1b", 2, 4), pytest.param("1f1b", 3, 4, marks=_larger),
 def test_executor_step_equals_single_process_step(name, ranks, mb):
     report = check(name, ranks, mb)
     assert report.losses_bitwise_equal
-    assert report.max_grad_cal_diff < 1e-12
+    assert report.max_grad_cal_diff < GRAD_COS_DIFF_MAX == 1e-13  # [DP] examples' bound
+    assert report.forward_only_losses_bitwise_equal
     assert report.trace_matches_schedule
     assert report.biases_equal and report.counts_equal
     result = report.pipeline
+    # the trace is what ran: every part of the schedule, once, on the data it names
+    assert result.trace_keys() == [result.schedule.part_keys(r) for r in range(ranks)]
+    assert result.weight_grads_left == [0] * ranks
     # the bias update really moved the biases, from counts the ranks summed
     assert any(b.abs().sum() > 0 for b in result.biases.values())
     assert sum(float(c.sum()) for c in result.counts.values()) > 0
@@ -214,6 +306,52 @@ def test_executor_step_equals_single_process_step(name, ranks, mb):
     assert all(n > 0 for w in result.weight_grads_per_w for n in w)
     if name != "1f1b":
         assert sum(n_w) > 0
+
+
+def test_trace_records_what_ran_so_a_skipped_op_fails_the_check():
+    """The executor passes over one W as if it had run it (the op list it looped over is
+    unchanged): the recorded trace lacks that W, its group of weight gradients is left
+    over, and the check fails; the losses, from the forwards, cannot see it."""
+    schedule = build_schedule("dualpipev", 1, 2)
+    at = next(i for i, op in enumerate(schedule.orders[0]) if op.kind == "W")
+    report = check("dualpipev", 1, 2, fault={"rank": 0, "at_op": at, "kind": "skip"})
+    assert not report.trace_matches_schedule and not report.ok
+    assert report.losses_bitwise_equal
+    assert report.max_grad_cal_diff > GRAD_COS_DIFF_MAX
+    result = report.pipeline
+    assert result.orders == schedule.order_strings()  # the list it looped over: intact
+    skipped = schedule.orders[0][at].key()
+    assert result.trace_keys()[0] == [k for k in schedule.part_keys(0) if k != skipped]
+    assert result.weight_grads_left == [1]
+    with pytest.raises(ValueError, match="rank 0 ran other work"):
+        result.timeline()
+
+
+def test_trace_check_compares_micro_batches_and_stages():
+    """trace_matches_schedule compares what each part computed on: a trace whose W
+    names the wrong micro-batch, or whose B did not defer, fails."""
+    from dataclasses import replace
+
+    from dsv3lite.pipeline.check import trace_matches_schedule
+    from dsv3lite.pipeline.executor import Executed, PipelineResult
+
+    s = build_schedule("dualpipev", 1, 2)
+    exact = [[Executed(p.kind, p.stage, p.batch, p.kind == "B" and p.split)
+              for op in s.orders[0] for p in op.parts()]]
+    forward = [[e for e in exact[0] if e.kind == "F"]]
+
+    def result(trace):
+        return PipelineResult([], {}, {}, {}, trace, s.order_strings(), s,
+                              forward_only_losses=[], forward_only_trace=forward,
+                              weight_grads_left=[0])
+
+    assert trace_matches_schedule(result(exact))
+    w = next(i for i, e in enumerate(exact[0]) if e.kind == "W")
+    assert not trace_matches_schedule(result([exact[0][:w] + [replace(exact[0][w], batch=0)]
+                                              + exact[0][w + 1:]]))
+    b = next(i for i, e in enumerate(exact[0]) if e.deferred)
+    assert not trace_matches_schedule(result([exact[0][:b] + [replace(exact[0][b],
+                                              deferred=False)] + exact[0][b + 1:]]))
 
 
 def test_cal_diff():
@@ -271,7 +409,8 @@ def test_cli_check_json():
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["losses_bitwise_equal"] and data["trace_matches_schedule"]
-    assert data["biases_equal"] and data["max_grad_cal_diff"] < 1e-12
+    assert data["forward_only_losses_bitwise_equal"] and data["ok"]
+    assert data["biases_equal"] and data["max_grad_cal_diff"] < 1e-13
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,25 +7,45 @@ torch and torch.distributed.pipelining.
 import pytest
 import torch
 
-from dsv3lite.pipeline.check import (check_args, make_microbatches, make_model,
-                                     reference_step)
-from dsv3lite.pipeline.torch_pipelining import torch_pipelining_losses
+from dsv3lite.pipeline.check import (GRAD_COS_DIFF_MAX, check_args, make_microbatches,
+                                     make_model, max_grad_cal_diff, reference_step)
+from dsv3lite.pipeline.torch_pipelining import torch_pipelining_step
+
+
+def _reference(name: str, n_ranks: int, n_microbatches: int):
+    n_stages = 2 * n_ranks if name == "dualpipev" else n_ranks
+    args = check_args(n_stages, 0)
+    return reference_step(make_model(args, 0), make_microbatches(args, n_microbatches))
+
+
+def _losses_bitwise_equal(losses, ref) -> bool:
+    return len(losses) == len(ref.losses) and all(
+        torch.equal(got, want["total"]) for got, want in zip(losses, ref.losses))
 
 
 @pytest.mark.parametrize("name, n_ranks, n_microbatches",
                          [("1f1b", 2, 4), ("dualpipev", 2, 4)])
-def test_torch_schedule_losses_equal_one_process_bitwise(name, n_ranks, n_microbatches):
-    losses = torch_pipelining_losses(name, n_ranks, n_microbatches, timeout_s=60)
-    n_stages = 2 * n_ranks if name == "dualpipev" else n_ranks
-    args = check_args(n_stages, 0)
-    ref = reference_step(make_model(args, 0), make_microbatches(args, n_microbatches))
-    assert len(losses) == n_microbatches
+def test_torch_schedule_step_equals_one_process(name, n_ranks, n_microbatches):
+    result = torch_pipelining_step(name, n_ranks, n_microbatches, timeout_s=60)
+    ref = _reference(name, n_ranks, n_microbatches)
     # Bitwise: the losses come out of the forward alone, and each rank runs the same
-    # kernels on the same shapes with one thread, as reference_step does; no weight
-    # changes within the step (torch's scale_grads only touches gradients).
-    for i, (got, want) in enumerate(zip(losses, ref.losses)):
-        assert torch.equal(got, want["total"]), \
-            f"micro-batch {i}: {got.item()!r} != {want['total'].item()!r}"
+    # kernels on the same shapes with one thread, as reference_step does.
+    assert _losses_bitwise_equal(result.losses, ref)
+    # The gradients show the backward too: torch's own B/W split through our stages,
+    # summed over ranks, within deepseek-ai/DualPipe's bound.
+    diff, worst = max_grad_cal_diff(result.grads, ref.grads)
+    assert diff < GRAD_COS_DIFF_MAX, f"{worst}: cal_diff {diff:.3g}"
+    assert all(float(g.abs().sum()) > 0 for g in ref.grads.values() if g.dim() > 1)
+
+
+def test_gradient_comparison_fails_on_wrong_gradients_that_leave_losses_equal():
+    """torch's default scale_grads=True divides every gradient by the number of
+    micro-batches: the losses stay bitwise equal, so only the gradients can catch it."""
+    result = torch_pipelining_step("1f1b", 2, 4, timeout_s=60, scale_grads=True)
+    ref = _reference("1f1b", 2, 4)
+    assert _losses_bitwise_equal(result.losses, ref)
+    diff, _ = max_grad_cal_diff(result.grads, ref.grads)
+    assert diff > 0.1  # 1 - 2(1/4)/(1 + 1/16) = 0.53 for a gradient scaled by 1/4
 
 
 @pytest.mark.parametrize("name, n_ranks, n_microbatches, arg", [
@@ -37,4 +57,4 @@ def test_torch_schedule_losses_equal_one_process_bitwise(name, n_ranks, n_microb
 ])
 def test_bad_arguments_raise_before_spawning(name, n_ranks, n_microbatches, arg):
     with pytest.raises(ValueError, match=f"^{arg}="):
-        torch_pipelining_losses(name, n_ranks, n_microbatches)
+        torch_pipelining_step(name, n_ranks, n_microbatches)

@@ -1,11 +1,13 @@
 """Check a pipelined step against one process, as deepseek-ai/DualPipe's examples do.
 
 The same model and micro-batches go through :func:`~dsv3lite.pipeline.run_pipeline` and
-through one process (each micro-batch forward and backward in turn). Then every
-micro-batch's loss must be equal **bitwise**, every gradient within a cosine difference
-1 − 2⟨x,y⟩/(‖x‖²+‖y‖²) < 1e-12 (only the order of the sums differs), the rank traces
-equal to the schedule's op lists, and the expert counts and the balancing biases after
-the update equal exactly (deepseek-ai/DualPipe ``examples/``).
+through one process (each micro-batch forward and backward in turn). Then, as in
+[DP] ``examples/example_dualpipe.py``: every micro-batch's loss must be equal
+**bitwise**; every gradient within a cosine difference 1 − 2⟨x,y⟩/(‖x‖²+‖y‖²) below
+:data:`GRAD_COS_DIFF_MAX` = 1e-13, the examples' bound (only the order of the sums
+differs); and the losses of a forward-only (no-grad) step bitwise equal too. On top of
+those: the trace of what every rank actually ran equal to its schedule, and the expert
+counts and the balancing biases after the update equal exactly.
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ from ..moe import MoE, Gate
 from .executor import PipelineResult, run_pipeline
 from .schedules import build_schedule
 
-__all__ = ["check_args", "make_model", "make_microbatches", "reference_step", "cal_diff",
+__all__ = ["GRAD_COS_DIFF_MAX", "check_args", "make_model", "make_microbatches",
+           "reference_step", "cal_diff", "max_grad_cal_diff", "trace_matches_schedule",
            "CheckReport", "check"]
+
+#: The gradient bound of deepseek-ai/DualPipe's examples: ``cal_diff(p.grad, p_ref.grad)
+#: < 1e-13`` for every parameter ([DP] ``examples/example_dualpipe.py``).
+GRAD_COS_DIFF_MAX = 1e-13
 
 
 def check_args(n_stages: int, n_layers: int) -> ModelArgs:
@@ -93,6 +100,24 @@ def cal_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return 0.0 if denominator == 0 else 1.0 - 2.0 * float((x * y).sum()) / denominator
 
 
+def max_grad_cal_diff(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+                      ) -> tuple[float, str]:
+    """The largest :func:`cal_diff` over the parameters, and that parameter's name.
+
+    Raises:
+        ValueError: if the two do not name the same parameters.
+    """
+    if grads.keys() != reference.keys():
+        raise ValueError(f"grads name other parameters than the reference: "
+                         f"{sorted(grads.keys() ^ reference.keys())}")
+    return max((cal_diff(grads[n], g), n) for n, g in reference.items())
+
+
+def _losses_equal(got: Optional[list], want: list) -> bool:
+    return got is not None and len(got) == len(want) and all(
+        p is not None and all(torch.equal(p[k], r[k]) for k in r) for p, r in zip(got, want))
+
+
 @dataclass
 class CheckReport:
     """The checks of deepseek-ai/DualPipe's examples, against one process."""
@@ -102,6 +127,7 @@ class CheckReport:
     microbatches: int
     losses_bitwise_equal: bool
     max_grad_cal_diff: float
+    forward_only_losses_bitwise_equal: bool
     trace_matches_schedule: bool
     biases_equal: bool
     counts_equal: bool
@@ -110,33 +136,47 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return (self.losses_bitwise_equal and self.max_grad_cal_diff < 1e-12
-                and self.trace_matches_schedule and self.biases_equal and self.counts_equal)
+        return (self.losses_bitwise_equal and self.max_grad_cal_diff < GRAD_COS_DIFF_MAX
+                and self.forward_only_losses_bitwise_equal and self.trace_matches_schedule
+                and self.biases_equal and self.counts_equal)
 
     def as_dict(self) -> dict:
         keys = ("schedule", "ranks", "microbatches", "losses_bitwise_equal",
-                "max_grad_cal_diff", "trace_matches_schedule", "biases_equal",
-                "counts_equal", "wall_s")
+                "max_grad_cal_diff", "forward_only_losses_bitwise_equal",
+                "trace_matches_schedule", "biases_equal", "counts_equal", "wall_s")
         return {k: getattr(self, k) for k in keys} | {"ok": self.ok}
+
+
+def trace_matches_schedule(result: PipelineResult) -> bool:
+    """Every rank ran exactly its schedule's F, B and W parts, in order, on the
+    micro-batches and stages the schedule names (and, if a forward-only step ran, its
+    forwards in the same order), and left no deferred weight gradient unrun."""
+    s = result.schedule
+    ranks = range(s.n_ranks)
+    train = result.trace_keys() == [s.part_keys(r) for r in ranks]
+    forward = (result.forward_only_losses is None
+               or result.trace_keys(forward_only=True) == [s.part_keys(r, True) for r in ranks])
+    return train and forward and not any(result.weight_grads_left)
 
 
 def check(name: str, n_ranks: int, n_microbatches: int, *, args: Optional[ModelArgs] = None,
           batch_size: int = 2, seq_len: int = 16, seed: int = 0,
-          timeout_s: float = 120.0) -> CheckReport:
-    """Run the pipelined step and the single-process step on the same micro-batches and
-    compare: every micro-batch's loss bitwise, every gradient's cosine difference, the
-    trace against the schedule, the expert counts and the biases after the update."""
+          timeout_s: float = 120.0, fault: Optional[dict] = None) -> CheckReport:
+    """Run the pipelined step (and its forward-only step) and the single-process step on
+    the same micro-batches and compare: every micro-batch's loss bitwise, every
+    gradient's cosine difference, the forward-only losses bitwise, the recorded trace
+    against the schedule, the expert counts and the biases after the update.
+    ``fault`` goes to :func:`run_pipeline` (tests)."""
     schedule = build_schedule(name, n_ranks, n_microbatches)
     args = args or check_args(schedule.n_stages, 0)
     model = make_model(args, seed)
     microbatches = make_microbatches(args, n_microbatches, batch_size, seq_len, seed)
-    result = run_pipeline(schedule, model, microbatches, timeout_s=timeout_s)
+    result = run_pipeline(schedule, model, microbatches, timeout_s=timeout_s, fault=fault)
     ref = reference_step(model, microbatches)
-    losses_equal = all(torch.equal(p[k], r[k]) for p, r in zip(result.losses, ref.losses)
-                       for k in r)
-    diff = max(cal_diff(result.grads[n], g) for n, g in ref.grads.items())
-    trace_ok = [[t[0] for t in rank] for rank in result.trace] == result.orders
+    diff, _ = max_grad_cal_diff(result.grads, ref.grads)
     biases_equal = all(torch.equal(result.biases[n], b) for n, b in ref.biases.items())
     counts_equal = all(torch.equal(result.counts[n], c) for n, c in ref.counts.items())
-    return CheckReport(name, n_ranks, n_microbatches, losses_equal, diff, trace_ok,
-                       biases_equal, counts_equal, result.wall_s, result)
+    return CheckReport(name, n_ranks, n_microbatches, _losses_equal(result.losses, ref.losses),
+                       diff, _losses_equal(result.forward_only_losses, ref.losses),
+                       trace_matches_schedule(result), biases_equal, counts_equal,
+                       result.wall_s, result)

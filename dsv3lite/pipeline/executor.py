@@ -3,8 +3,19 @@
 The model is cut into stages: the embedding and the first blocks; middle blocks; the
 last blocks, the final norm, the head, the MTP modules and the loss. Each rank is a
 process; activations and gradients travel between them with ``torch.distributed``
-point-to-point messages on the gloo backend (CPU), and every rank runs exactly the op
-list that :func:`~dsv3lite.pipeline.build_schedule` gives it, recording a trace.
+point-to-point messages on the gloo backend (CPU), and every rank runs the op list that
+:func:`~dsv3lite.pipeline.build_schedule` gives it.
+
+**The trace records what ran, not what was asked.** Every message starts with a small
+header naming the micro-batch and the stage that produced it. A forward records the
+stage module it called and the micro-batch named by the activation it received; a
+backward the micro-batch named by the gradient it received (or whose loss it
+differentiated); a W the label of the group of weight-gradient closures it actually
+popped; a backward whether its Linears really queued their weight gradients. A message
+sent to the wrong rank, a W that pops the wrong group or an op that silently does
+nothing changes the trace, and :func:`~dsv3lite.pipeline.check` compares it with the
+schedule. After the training step every rank runs a forward-only step (no grad) along
+the same order, as deepseek-ai/DualPipe's examples do.
 
 What makes it DeepSeek's and not a toy:
 
@@ -31,7 +42,7 @@ import os
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Optional
 
@@ -44,7 +55,34 @@ from .schedules import Op, Schedule
 from .stages import WEIGHT_GRADS, PipelineStage, build_stages, make_weight_grads_deferrable, \
     split_layers
 
-__all__ = ["PipelineResult", "run_pipeline", "run_ranks"]
+__all__ = ["Executed", "PipelineResult", "run_pipeline", "run_ranks"]
+
+
+@dataclass(frozen=True)
+class Executed:
+    """One F, B or W as a rank actually ran it.
+
+    Attributes:
+        kind: ``"F"``, ``"B"`` or ``"W"``.
+        stage: The stage module that ran (F, B) or that the popped closures belong to (W).
+        batch: The micro-batch it computed on: for F, the one named by the activation it
+            received (the token micro-batch on the first stage); for B, the one named by
+            the gradient it received (its own loss on the last stage); for W, the label
+            of the group of weight gradients it popped.
+        deferred: For B: its Linears queued weight gradients for a later W.
+        start, end: Seconds from the step's start (``time.perf_counter`` on the rank).
+    """
+
+    kind: str
+    stage: int
+    batch: int
+    deferred: bool = False
+    start: float = 0.0
+    end: float = 0.0
+
+    def key(self) -> str:
+        """The same form as :meth:`~dsv3lite.pipeline.Op.key` (``F:s2:m5``, ...)."""
+        return f"{self.kind}:s{self.stage}:m{self.batch}" + (":zb" if self.deferred else "")
 
 
 @dataclass
@@ -56,138 +94,197 @@ class PipelineResult:
         grads: Every parameter's gradient, summed over ranks (mirrored copies included).
         biases: Every MoE layer's balancing bias after the step's bias update.
         counts: Every MoE layer's expert counts over the step, summed over ranks.
-        trace: Per rank, (op string, start, end) in seconds from the step's start.
+        trace: Per rank, the F, B and W parts it ran, in the order it ran them.
         orders: Per rank, the op strings the schedule asked for.
+        forward_only_losses: The loss parts of the forward-only step (None: not run).
+        forward_only_trace: Per rank, the forwards of that step.
         weight_grads_per_w: Per rank, how many Linear weight gradients each W op ran.
+        weight_grads_left: Per rank, groups of deferred weight gradients no W ran.
     """
 
     losses: list[dict[str, torch.Tensor]]
     grads: dict[str, torch.Tensor]
     biases: dict[str, torch.Tensor]
     counts: dict[str, torch.Tensor]
-    trace: list[list[tuple[str, float, float]]]
+    trace: list[list[Executed]]
     orders: list[list[str]]
     schedule: Optional[Schedule] = None
     wall_s: float = 0.0
+    forward_only_losses: Optional[list[dict[str, torch.Tensor]]] = None
+    forward_only_trace: list[list[Executed]] = field(default_factory=list)
     weight_grads_per_w: list[list[int]] = field(default_factory=list)
+    weight_grads_left: list[int] = field(default_factory=list)
+
+    def trace_keys(self, forward_only: bool = False) -> list[list[str]]:
+        """Per rank, the recorded parts as :meth:`Executed.key` strings."""
+        trace = self.forward_only_trace if forward_only else self.trace
+        return [[e.key() for e in rank] for rank in trace]
 
     def timeline(self):
         """The recorded trace as a :class:`~dsv3lite.pipeline.Timeline` (seconds), for
-        :func:`~dsv3lite.plot.plot_timeline`."""
+        :func:`~dsv3lite.plot.plot_timeline`: each op of the schedule spans the parts
+        recorded for it.
+
+        Raises:
+            ValueError: if the recorded parts are not the schedule's.
+        """
         from .simulate import Event, Timeline
 
-        events = [Event(r, op, start, end)
-                  for r, (order, rank_trace) in enumerate(zip(self.schedule.orders, self.trace))
-                  for op, (_, start, end) in zip(order, rank_trace)]
+        for rank in range(self.schedule.n_ranks):
+            if self.trace_keys()[rank] != self.schedule.part_keys(rank):
+                raise ValueError(f"rank {rank} ran other work than its schedule: no timeline")
+        events = []
+        for r, (order, rank_trace) in enumerate(zip(self.schedule.orders, self.trace)):
+            i = 0
+            for op in order:
+                n = len(op.parts())
+                events.append(Event(r, op, rank_trace[i].start, rank_trace[i + n - 1].end))
+                i += n
         makespan = max(e.end for e in events)
-        busy = [sum(end - start for _, start, end in t) for t in self.trace]
+        busy = [sum(e.end - e.start for e in t) for t in self.trace]
         return Timeline(self.schedule, events, makespan, busy, [makespan - b for b in busy],
                         [], self.schedule.param_copies, {"unit": "seconds"})
 
 
-def _tag(stage: int, batch: int, n_microbatches: int, grad: bool, index: int) -> int:
-    """A message tag unique to (receiving stage, micro-batch, direction of flow, tensor)."""
-    return ((stage * n_microbatches + batch) * 2 + grad) * 4 + index
+def _tag(stage: int, batch: int, n_microbatches: int, grad: bool, index: int,
+         step: int, n_stages: int) -> int:
+    """A message tag unique to (step, receiving stage, micro-batch, flow, tensor)."""
+    return (((step * n_stages + stage) * n_microbatches + batch) * 2 + grad) * 4 + index
 
 
 class _Worker:
     """One rank's state while it runs its op list."""
 
     def __init__(self, rank: int, schedule: Schedule, model: Transformer,
-                 microbatches, progress_path: Optional[str]):
+                 microbatches, progress_path: Optional[str], skip_at: Optional[int] = None):
         self.rank, self.schedule, self.model = rank, schedule, model
         self.microbatches = microbatches
         self.stages = build_stages(model, schedule, rank)
         B, T = microbatches[0][0].shape
         self.shapes = {s: PipelineStage(model, s, schedule.n_stages).carried_shapes(B, T)
                        for s in range(schedule.n_stages)}
+        self.progress_path, self.skip_at = progress_path, skip_at
+        self.weight_grads_per_w: list[int] = []
+        self.reset(step=0)
+
+    def reset(self, step: int) -> None:
+        """Empty the per-step state; ``step`` keeps the two steps' message tags apart."""
+        self.step = step
         self.inputs: dict = {}    # (batch, stage) -> input tensors
         self.outputs: dict = {}   # (batch, stage) -> output tensors
-        self.grads_in: dict = {}  # (batch, stage) -> gradients of its inputs (local hand-over)
+        self.handed: dict = {}    # (batch, stage, grad) -> (header, tensors), same rank
         self.losses: dict = {}    # batch -> LossBreakdown
         self.sends: list = []
-        self.trace: list[tuple[str, float, float]] = []
-        self.weight_grads_per_w: list[int] = []
-        self.progress_path = progress_path
+        self.trace: list[Executed] = []
 
-    # -- communication
-    def _recv(self, stage: int, batch: int, src_stage: int, grad: bool) -> list[torch.Tensor]:
+    # -- communication: a header (micro-batch, stage that produced it), then the tensors
+    def _recv(self, stage: int, batch: int, src_stage: int, grad: bool
+              ) -> tuple[int, list[torch.Tensor]]:
+        """Receive for ``stage`` what ``src_stage`` produced for ``batch``; return the
+        micro-batch the header names, and the tensors."""
         src = self.schedule.stage_rank(src_stage, batch)
-        shapes = self.shapes[min(stage, src_stage)]
         if src == self.rank:  # same rank (DualPipeV's turn, one rank): hand over locally
-            if grad:
-                return self.grads_in.pop((batch, src_stage))
-            return [t.detach() for t in self.outputs[(batch, src_stage)]]
-        out = []
-        for i, shape in enumerate(shapes):
-            t = torch.empty(shape)
-            dist.recv(t, src, tag=_tag(stage, batch, self.schedule.n_microbatches, grad, i))
-            out.append(t)
-        return out
+            header, tensors = self.handed.pop((batch, stage, grad))
+        else:
+            tag = lambda i: _tag(stage, batch, self.schedule.n_microbatches, grad, i,  # noqa
+                                 self.step, self.schedule.n_stages)
+            header = torch.empty(2, dtype=torch.long)
+            dist.recv(header, src, tag=tag(0))
+            tensors = []
+            for i, shape in enumerate(self.shapes[min(stage, src_stage)]):
+                t = torch.empty(shape)
+                dist.recv(t, src, tag=tag(i + 1))
+                tensors.append(t)
+        sent_batch, sent_stage = header.tolist()
+        if sent_stage != src_stage:
+            raise RuntimeError(f"stage {stage} of micro-batch {batch} received from stage "
+                               f"{sent_stage}, expected stage {src_stage}")
+        return sent_batch, tensors
 
     def _send(self, tensors, stage: int, batch: int, dst_stage: int, grad: bool) -> None:
+        header = torch.tensor([batch, stage])
+        tensors = [t.detach().contiguous() for t in tensors]
         dst = self.schedule.stage_rank(dst_stage, batch)
         if dst == self.rank:
-            if grad:
-                self.grads_in[(batch, stage)] = tensors
+            self.handed[(batch, dst_stage, grad)] = (header, tensors)
             return
-        for i, t in enumerate(tensors):
-            t = t.detach().contiguous()
-            tag = _tag(dst_stage, batch, self.schedule.n_microbatches, grad, i)
+        for i, t in enumerate([header, *tensors]):
+            tag = _tag(dst_stage, batch, self.schedule.n_microbatches, grad, i, self.step,
+                       self.schedule.n_stages)
             self.sends.append((dist.isend(t, dst, tag=tag), t))
 
     # -- compute
     def forward(self, op: Op) -> None:
-        s, b = op.stage, op.batch
+        s = op.stage
         stage = self.stages[s]
         if stage.is_first:
+            b = op.batch
             inputs = [self.microbatches[b][0]]
         else:
-            inputs = [t.requires_grad_() for t in self._recv(s, b, s - 1, grad=False)]
-        self.inputs[(b, s)] = inputs
+            b, inputs = self._recv(s, op.batch, s - 1, grad=False)
+            inputs = [t.requires_grad_(torch.is_grad_enabled()) for t in inputs]
+        start = time.perf_counter()
         outputs = stage(*inputs)
         if stage.is_last:
             tokens, targets = self.microbatches[b]
             self.losses[b] = stage.criterion(outputs, tokens, targets)
-        else:
-            self.outputs[(b, s)] = outputs
+        if torch.is_grad_enabled():  # kept for the backward
+            self.inputs[(b, s)] = inputs
+            if not stage.is_last:
+                self.outputs[(b, s)] = outputs
+        self.trace.append(Executed("F", stage.index, b, False, start, time.perf_counter()))
+        if not stage.is_last:
             self._send(outputs, s, b, s + 1, grad=False)
 
     def backward(self, op: Op) -> None:
-        s, b = op.stage, op.batch
+        s = op.stage
         stage = self.stages[s]
+        if stage.is_last:
+            b, grads = op.batch, None
+        else:
+            b, grads = self._recv(s, op.batch, s + 1, grad=True)
+        start = time.perf_counter()
         WEIGHT_GRADS.enabled = op.split
         try:
             if stage.is_last:
                 self.losses[b].total.backward()
             else:
-                grads = self._recv(s, b, s + 1, grad=True)
                 pairs = [(o, g) for o, g in zip(self.outputs.pop((b, s)), grads)
                          if o.requires_grad]  # the first stage's zero balance has none
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         finally:
             WEIGHT_GRADS.enabled = False
+        deferred = WEIGHT_GRADS.pending() > 0
         if op.split:
-            WEIGHT_GRADS.flush()
+            WEIGHT_GRADS.flush(label=(b, s))
+        self.trace.append(Executed("B", stage.index, b, deferred, start, time.perf_counter()))
         inputs = self.inputs.pop((b, s))
         if not stage.is_first:
             # A balance slot this stage overwrote gets no gradient: send zeros for it.
             self._send([torch.zeros_like(t) if t.grad is None else t.grad for t in inputs],
                        s, b, s - 1, grad=True)
 
-    def run(self, op: Op) -> None:
+    def weight(self) -> None:
+        start = time.perf_counter()
+        (b, s), n = WEIGHT_GRADS.pop()
+        self.weight_grads_per_w.append(n)
+        self.trace.append(Executed("W", s, b, False, start, time.perf_counter()))
+
+    def run(self, i: int, op: Op, forward_only: bool = False) -> None:
         if self.progress_path:
             with open(self.progress_path, "w") as f:
                 f.write(str(op))
-        start = time.perf_counter()
+        if i == self.skip_at:
+            return  # for tests: a bug that believes it ran the op
         for part in op.parts():
             if part.kind == "F":
                 self.forward(part)
+            elif forward_only:
+                continue  # a no-grad step runs the forwards alone, as DualPipe's does
             elif part.kind == "B":
                 self.backward(part)
             else:
-                self.weight_grads_per_w.append(WEIGHT_GRADS.pop())
-        self.trace.append((str(op), start, time.perf_counter()))
+                self.weight()
 
     def finish(self) -> None:
         for work, _ in self.sends:
@@ -205,23 +302,42 @@ def _worker_main(rank: int, world: int, workdir: str, timeout_s: float) -> None:
                                 rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
         fault = plan.get("fault") or {}
+        fault = fault if fault.get("rank") == rank else {}
         model = Transformer(plan["args"]).train()
         model.load_state_dict(plan["state"])
         make_weight_grads_deferrable(model)
         WEIGHT_GRADS.__init__()
         schedule = plan["schedule"]
         worker = _Worker(rank, schedule, model, plan["microbatches"],
-                         os.path.join(workdir, f"rank{rank}.progress"))
+                         os.path.join(workdir, f"rank{rank}.progress"),
+                         fault.get("at_op") if fault.get("kind") == "skip" else None)
         dist.barrier()
+        t0 = time.perf_counter()
         for i, op in enumerate(schedule.orders[rank]):
-            if fault.get("rank") == rank and fault.get("at_op") == i:
-                if fault.get("kind") == "hang":
+            if fault.get("at_op") == i and fault.get("kind") in ("raise", "hang"):
+                if fault["kind"] == "hang":
                     time.sleep(10 * timeout_s)
                 raise RuntimeError(f"injected fault at op {i} ({op})")
-            worker.run(op)
+            worker.run(i, op)
         worker.finish()
-        if len(WEIGHT_GRADS):
-            raise RuntimeError(f"{len(WEIGHT_GRADS)} deferred weight gradients never ran")
+        trace, losses = worker.trace, worker.losses
+        # The forward-only step ([DP] examples' inference check), before the bias
+        # update, so it sees the weights and biases the training step saw; the expert
+        # counts it adds are put back.
+        fwd_losses, fwd_trace = None, []
+        if plan.get("forward_only"):
+            moes = model.moe_layers()
+            counts_before = [m.gate.balancer.counts.clone() for m in moes]
+            dist.barrier()
+            worker.reset(step=1)
+            worker.skip_at = None
+            with torch.no_grad():
+                for i, op in enumerate(schedule.orders[rank]):
+                    worker.run(i, op, forward_only=True)
+            worker.finish()
+            fwd_losses, fwd_trace = worker.losses, worker.trace
+            for m, c in zip(moes, counts_before):
+                m.gate.balancer.counts.copy_(c)
         # Sum what lives on several ranks: gradients (DualPipe's two copies, the tied
         # embedding) and the expert counts, then update the biases everywhere alike.
         grads = {}
@@ -236,10 +352,16 @@ def _worker_main(rank: int, world: int, workdir: str, timeout_s: float) -> None:
         model.update_balance_biases(plan.get("gamma"))
         biases = {n: m.gate.balancer.bias.clone() for n, m in model.named_modules()
                   if isinstance(m, MoE)}
-        losses = {b: {k: v.detach() for k, v in vars(l).items()}
-                  for b, l in worker.losses.items()}
-        out = {"trace": worker.trace, "losses": losses,
-               "weight_grads_per_w": worker.weight_grads_per_w}
+
+        def detached(losses):
+            return {b: {k: v.detach() for k, v in vars(l).items()} for b, l in losses.items()}
+
+        shift = lambda t: [replace(e, start=e.start - t0, end=e.end - t0) for e in t]  # noqa
+        out = {"trace": shift(trace), "losses": detached(losses),
+               "forward_only_trace": shift(fwd_trace),
+               "forward_only_losses": None if fwd_losses is None else detached(fwd_losses),
+               "weight_grads_per_w": worker.weight_grads_per_w,
+               "weight_grads_left": len(WEIGHT_GRADS)}
         if rank == 0:
             out.update(grads=grads, biases=biases, counts=counts)
         torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
@@ -254,8 +376,9 @@ def _worker_main(rank: int, world: int, workdir: str, timeout_s: float) -> None:
 def run_pipeline(schedule: Schedule, model: Transformer,
                  microbatches: list[tuple[torch.Tensor, torch.Tensor]], *,
                  gamma: Optional[float] = None, timeout_s: float = 120.0,
-                 fault: Optional[dict] = None) -> PipelineResult:
-    """Run one training step of ``model`` under ``schedule``, one process per rank.
+                 forward_only: bool = True, fault: Optional[dict] = None) -> PipelineResult:
+    """Run one training step of ``model`` under ``schedule``, one process per rank, then
+    (``forward_only``) a no-grad step of the same micro-batches along the same order.
 
     Args:
         schedule: From :func:`~dsv3lite.pipeline.build_schedule`.
@@ -264,7 +387,9 @@ def run_pipeline(schedule: Schedule, model: Transformer,
         gamma: Bias update speed for the step's update (default the model's).
         timeout_s: A rank that waits longer than this for a message fails the run; the
             whole run is stopped after about this long plus start-up.
-        fault: For tests: ``{"rank": r, "at_op": i, "kind": "raise" | "hang"}``.
+        forward_only: Also run the forward-only step ([DP] examples' inference check).
+        fault: For tests: ``{"rank": r, "at_op": i, "kind": "raise" | "hang" | "skip"}``;
+            ``skip`` passes over op ``i`` of the training step as if it had run it.
 
     Returns:
         A :class:`PipelineResult`.
@@ -283,21 +408,29 @@ def run_pipeline(schedule: Schedule, model: Transformer,
     world = schedule.n_ranks
     with tempfile.TemporaryDirectory(prefix="dsv3lite-pipeline-") as workdir:
         torch.save({"args": model.args, "state": model.state_dict(), "schedule": schedule,
-                    "microbatches": microbatches, "gamma": gamma, "fault": fault},
+                    "microbatches": microbatches, "gamma": gamma, "fault": fault,
+                    "forward_only": forward_only},
                    os.path.join(workdir, "plan.pt"))
         wall = run_ranks(_worker_main, world, workdir, timeout_s,
                          (world, workdir, timeout_s), label="pipeline")
         outs = [torch.load(os.path.join(workdir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]
-    losses: dict[int, dict] = {}
-    for out in outs:
-        losses.update(out["losses"])
-    t0 = min(t[1] for out in outs for t in out["trace"])
-    trace = [[(name, a - t0, b - t0) for name, a, b in out["trace"]] for out in outs]
-    return PipelineResult([losses[b] for b in range(schedule.n_microbatches)],
-                          outs[0]["grads"], outs[0]["biases"], outs[0]["counts"], trace,
+
+    def gather(key: str) -> Optional[list[dict]]:
+        if outs[0][key] is None:
+            return None
+        losses: dict[int, dict] = {}
+        for out in outs:
+            losses.update(out[key])
+        return [losses.get(b) for b in range(schedule.n_microbatches)]
+
+    return PipelineResult(gather("losses"), outs[0]["grads"], outs[0]["biases"],
+                          outs[0]["counts"], [out["trace"] for out in outs],
                           schedule.order_strings(), schedule, wall,
-                          [out["weight_grads_per_w"] for out in outs])
+                          gather("forward_only_losses"),
+                          [out["forward_only_trace"] for out in outs],
+                          [out["weight_grads_per_w"] for out in outs],
+                          [out["weight_grads_left"] for out in outs])
 
 
 def run_ranks(target, world: int, workdir: str, timeout_s: float, args: tuple = (),

@@ -14,9 +14,11 @@ micro-batches. A schedule is the order in which every rank runs the pieces of wo
 
 Four schedules are built here: ``1f1b``, ``zb1p`` (ZB-H1), ``dualpipe`` and
 ``dualpipev``. The two DualPipe orders follow the eight phases of
-deepseek-ai/DualPipe's ``step()`` op for op, including the middle ranks' unpaired first
+deepseek-ai/DualPipe's ``step()``, including the middle ranks' unpaired first
 main-phase step, the parity-dependent start of W deferral in phase 6 and the FIFO
-order of deferred W (deepseek-ai/DualPipe ``dualpipe/dualpipe.py``).
+order of deferred W (deepseek-ai/DualPipe ``dualpipe/dualpipe.py``). The tests compare
+every rank's order, op for op, with the orders recorded from the official code itself
+(``tests/fixtures/dualpipe_orders.json``: DualPipe on 2-10 ranks, DualPipeV on 1-8).
 
 Directions: DualPipe feeds the first half of the micro-batches at rank 0 (direction 0)
 and the second half at the last rank (direction 1). DualPipeV sends every micro-batch
@@ -66,6 +68,15 @@ class Op:
         """The F/B/W ops this op runs: itself, or an FB's forward and backward."""
         return (self.forward, self.backward) if self.kind == "FB" else (self,)
 
+    def key(self) -> str:
+        """The op by what it computes: ``F:s<stage>:m<batch>``, ``B:s..:m..`` (``:zb``
+        when its weight gradient waits for a W), ``W:s..:m..``, ``FB(<F>|<B>)``. The
+        executor's trace and the official orders (tests/fixtures) use the same form."""
+        if self.kind == "FB":
+            return f"FB({self.forward.key()}|{self.backward.key()})"
+        zb = ":zb" if self.kind == "B" and self.split else ""
+        return f"{self.kind}:s{self.stage}:m{self.batch}{zb}"
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -107,12 +118,21 @@ class Schedule:
 
     @property
     def param_copies(self) -> int:
-        """Model-stage parameter sets per rank, in units of 1F1B's (1 or 2; [V3] Table 2)."""
+        """Model-stage parameter sets per rank, in units of 1F1B's (1 or 2; [V3] Table 2).
+
+        A property of the schedule's definition (two stages per rank), not something a
+        simulation measures."""
         return 2 if self.name in ("dualpipe", "dualpipev") else 1
 
     def order_strings(self) -> list[list[str]]:
         """``orders`` written as ``F0:3``, ``B1:2``, ``W0:3``, ``FB(F0:3|B1:1)``."""
         return [[str(op) for op in order] for order in self.orders]
+
+    def part_keys(self, rank: int, forward_only: bool = False) -> list[str]:
+        """``rank``'s F, B and W parts in order, as :meth:`Op.key` (an FB gives two);
+        ``forward_only``: its forwards alone, the order of a no-grad step."""
+        parts = [p for op in self.orders[rank] for p in op.parts()]
+        return [p.key() for p in parts if p.kind == "F" or not forward_only]
 
 
 def build_schedule(name: str, n_ranks: int, n_microbatches: int) -> Schedule:

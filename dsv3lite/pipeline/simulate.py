@@ -17,8 +17,12 @@ W needs its B. Costs are in arbitrary time units ([V3] Table 2's F, B, W, F&B):
 
 The bubble of a rank is its idle time: makespan minus the time it computes.
 Activations are counted in units of one micro-batch through one stage, alive from the
-start of its F to the end of its B (a split B frees them; the little W still needs is
-not counted).
+start of its F to the end of its B, as [V3] Table 2 counts them. A split B frees them
+except what its W still needs: each Linear's saved input and its output gradient. That
+part depends on the model, not on the schedule, so it is counted separately, as the
+most deferred W's a rank holds at once (``peak_deferred_w``). The parameter copies are
+not simulated either: they follow from the schedule's definition
+(:attr:`~dsv3lite.pipeline.Schedule.param_copies`).
 """
 
 from __future__ import annotations
@@ -51,9 +55,13 @@ class Timeline:
         makespan: Time from the first start to the last end.
         busy: Per rank, the time spent computing.
         idle: Per rank, makespan − busy (the bubble).
-        peak_activations: Per rank, the most micro-batch-stage activations alive at once.
-        param_copies: Stage parameter sets per rank, relative to 1F1B (1 or 2).
+        peak_activations: Per rank, the most micro-batch-stage activations alive at once
+            (from the start of an F to the end of its B).
+        param_copies: Stage parameter sets per rank, relative to 1F1B (1 or 2): the
+            schedule's constant, not a measurement.
         costs: The costs used (F, B, W, FB, comm, p2p).
+        peak_deferred_w: Per rank, the most W's waiting at once (split B's whose W has
+            not run): each keeps its Linears' inputs and output gradients alive.
     """
 
     schedule: Schedule
@@ -64,6 +72,7 @@ class Timeline:
     peak_activations: list[int]
     param_copies: int
     costs: dict = field(default_factory=dict)
+    peak_deferred_w: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """The JSON view the CLI prints (``orders`` as op strings)."""
@@ -72,6 +81,7 @@ class Timeline:
                 "stages": s.n_stages, "costs": self.costs, "makespan": self.makespan,
                 "busy": self.busy, "idle": self.idle,
                 "peak_activations": self.peak_activations,
+                "peak_deferred_w": self.peak_deferred_w,
                 "param_copies": self.param_copies, "orders": s.order_strings(),
                 "events": [{"rank": e.rank, "op": str(e.op), "start": e.start, "end": e.end}
                            for e in self.events]}
@@ -171,17 +181,22 @@ def simulate(schedule: Schedule | str, F: float = 1.0, B: float = 2.0, W: float 
 
     makespan = max(free)
     busy = [sum(e.end - e.start for e in evs) for evs in events]
-    peaks = []
+    peaks, peaks_w = [], []
     for evs in events:
-        live = peak = 0
+        live = peak = waiting = peak_w = 0
         for e in evs:
             live += sum(p.kind == "F" for p in e.op.parts())
             peak = max(peak, live)
             live -= sum(p.kind == "B" for p in e.op.parts())
+            waiting += sum(p.kind == "B" and p.split for p in e.op.parts())
+            peak_w = max(peak_w, waiting)
+            waiting -= e.op.kind == "W"
         peaks.append(peak)
+        peaks_w.append(peak_w)
     costs = {"F": F, "B": B, "W": W, "FB": pair, "comm": comm, "p2p": p2p}
     return Timeline(schedule, [e for evs in events for e in evs], makespan, busy,
-                    [makespan - b for b in busy], peaks, schedule.param_copies, costs)
+                    [makespan - b for b in busy], peaks, schedule.param_copies, costs,
+                    peaks_w)
 
 
 def table2_bubble(name: str, pp: int, F: float = 1.0, B: float = 2.0, W: float = 1.0,
@@ -207,7 +222,8 @@ def table2(pp: int = 8, n_microbatches: int = 20, F: float = 1.0, B: float = 2.0
 
     ``pp`` is the number of stages; DualPipeV runs them on pp/2 devices.
     Each row: method, formula bubble, simulated idle (min and max over ranks),
-    peak activations (max over ranks), parameter copies, devices.
+    peak activations (max over ranks), peak deferred W's (max over ranks), parameter
+    copies (the schedule's constant, not simulated), devices.
     """
     rows = []
     for name in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
@@ -219,5 +235,6 @@ def table2(pp: int = 8, n_microbatches: int = 20, F: float = 1.0, B: float = 2.0
                      "idle": t.idle, "makespan": t.makespan,
                      "peak_activations": max(t.peak_activations),
                      "activations_formula": pp + 1 if name.startswith("dual") else pp,
+                     "peak_deferred_w": max(t.peak_deferred_w),
                      "param_copies": t.param_copies})
     return rows

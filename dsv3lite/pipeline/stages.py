@@ -35,31 +35,37 @@ class WeightGradStore:
     """Closures computing weight gradients, queued so a later ``W`` op can run them.
 
     While ``enabled``, a Linear's backward puts its weight-gradient closure here; at the
-    end of a split backward :meth:`flush` closes the group; :meth:`pop` runs the oldest
-    group (the schedules' W ops are FIFO).
+    end of a split backward :meth:`flush` closes the group under a label (the
+    micro-batch and stage it came from); :meth:`pop` runs the oldest group (the
+    schedules' W ops are FIFO) and says which it was.
     """
 
     def __init__(self) -> None:
         self.enabled = False
         self._open: list = []
-        self._groups: list[list] = []
+        self._groups: list[tuple[object, list]] = []
 
     def put(self, fn) -> None:
         self._open.append(fn)
 
-    def flush(self) -> None:
-        self._groups.append(self._open)
+    def pending(self) -> int:
+        """Closures put since the last :meth:`flush`."""
+        return len(self._open)
+
+    def flush(self, label: object = None) -> None:
+        self._groups.append((label, self._open))
         self._open = []
 
-    def pop(self) -> int:
-        """Run the oldest group; return how many weight gradients it computed."""
+    def pop(self) -> tuple[object, int]:
+        """Run the oldest group; return its label and how many weight gradients it
+        computed."""
         if not self._groups:
             raise RuntimeError("a W op found no deferred weight gradient: the schedule "
                                "runs W before its split B")
-        group = self._groups.pop(0)
+        label, group = self._groups.pop(0)
         for fn in group:
             fn()
-        return len(group)
+        return label, len(group)
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -141,7 +147,10 @@ class PipelineStage(nn.Module):
         self.layer_ids = split_layers(model.args.n_layers, n_stages)[index]
         self.layers = nn.ModuleList(model.layers[i] for i in self.layer_ids)
         self.is_first, self.is_last = index == 0, index == n_stages - 1
-        if self.is_first:
+        if self.is_first or (self.is_last and len(model.mtp)):
+            # the last stage's MTP modules embed tokens too: registering the embedding
+            # there lets a schedule that computes weight gradients per stage's
+            # parameters (torch's ScheduleDualPipeV) reach it from the MTP loss
             self.embed = model.embed
         if self.is_last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp

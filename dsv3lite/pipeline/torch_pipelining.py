@@ -5,7 +5,11 @@ schedule builder and our executor (a micro-batch sent to the wrong stage, a stal
 balance slot, a loss computed on the wrong tokens) could let both agree with themselves.
 This module runs the *same* :class:`~dsv3lite.pipeline.stages.PipelineStage` modules
 under code we did not write, PyTorch's ``Schedule1F1B`` and ``ScheduleDualPipeV``, and
-returns each micro-batch's loss, which must equal the single-process loss.
+returns each micro-batch's loss and every parameter's gradient, summed over the ranks:
+the losses must equal the single-process ones bitwise and the gradients within
+deepseek-ai/DualPipe's bound (``check.GRAD_COS_DIFF_MAX``). The losses come from the
+forward alone; only the gradients show that torch's backward, with its own split into
+input and weight gradients, ran through our stages as one process would.
 
 How the pieces map onto torch's API:
 
@@ -19,7 +23,9 @@ How the pieces map onto torch's API:
   scratch copy of the model), so torch runs in its STATIC metadata mode: it runs no
   shape-inference forward on uninitialized buffers and leaves the model's MoE counts alone;
 - ``scale_grads=False``, as our loss is a sum over micro-batches; torch returns the
-  ``loss_fn`` outputs unscaled in ``losses`` either way.
+  ``loss_fn`` outputs unscaled in ``losses`` either way. (``scale_grads=True``, torch's
+  default, divides every gradient by the number of micro-batches: the same losses, wrong
+  gradients, which the tests use to see the gradient comparison fail.)
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -37,9 +44,22 @@ from .executor import run_ranks
 from .stages import PipelineStage
 from .schedules import build_schedule
 
-__all__ = ["TORCH_SCHEDULES", "torch_pipelining_losses"]
+__all__ = ["TORCH_SCHEDULES", "TorchPipeliningResult", "torch_pipelining_step"]
 
 TORCH_SCHEDULES = ("1f1b", "dualpipev")
+
+
+@dataclass
+class TorchPipeliningResult:
+    """What :func:`torch_pipelining_step` returns.
+
+    Attributes:
+        losses: The total loss of micro-batches 0..M-1, 0-dim tensors.
+        grads: Every parameter's gradient, summed over the ranks (zeros where none).
+    """
+
+    losses: list[torch.Tensor]
+    grads: dict[str, torch.Tensor]
 
 
 def _stage_examples(args, seed: int, n_stages: int, tokens: torch.Tensor) -> list:
@@ -57,7 +77,7 @@ def _stage_examples(args, seed: int, n_stages: int, tokens: torch.Tensor) -> lis
 
 
 def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
-            workdir: str, timeout_s: float) -> None:
+            workdir: str, timeout_s: float, scale_grads: bool) -> None:
     """One rank: build the model, wrap its stages, run one ``step`` of torch's schedule."""
     from torch.distributed.pipelining import PipelineStage as TorchStage
     from torch.distributed.pipelining import Schedule1F1B, ScheduleDualPipeV
@@ -83,10 +103,10 @@ def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
 
         if name == "dualpipev":
             schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn,
-                                         scale_grads=False)
+                                         scale_grads=scale_grads)
         else:
             schedule = Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn,
-                                    scale_grads=False)
+                                    scale_grads=scale_grads)
         tokens = torch.cat([t for t, _ in microbatches])
         packed = torch.stack((tokens, torch.cat([y for _, y in microbatches])), dim=1)
         has_last, losses = n_stages - 1 in held, []
@@ -95,6 +115,14 @@ def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
                       losses=losses if has_last else None)
         if has_last:
             torch.save([loss.detach() for loss in losses], os.path.join(workdir, "losses.pt"))
+        # Every rank holds the whole model; the stages it ran have gradients (the
+        # embedding on the first and the last stage, through MTP): sum them over ranks.
+        grads = {}
+        for n, p in model.named_parameters():
+            grads[n] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grads[n])
+        if rank == 0:
+            torch.save(grads, os.path.join(workdir, "grads.pt"))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -103,9 +131,10 @@ def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
         raise SystemExit(1)
 
 
-def torch_pipelining_losses(name: str, n_ranks: int, n_microbatches: int, *, seed: int = 0,
-                            timeout_s: float = 120.0) -> list[torch.Tensor]:
-    """Per-micro-batch total losses of one training step under torch's schedule.
+def torch_pipelining_step(name: str, n_ranks: int, n_microbatches: int, *, seed: int = 0,
+                          timeout_s: float = 120.0, scale_grads: bool = False
+                          ) -> TorchPipeliningResult:
+    """One training step under torch's schedule: per-micro-batch losses and gradients.
 
     Args:
         name: ``"1f1b"`` (``Schedule1F1B``, ``n_ranks`` stages) or ``"dualpipev"``
@@ -116,9 +145,11 @@ def torch_pipelining_losses(name: str, n_ranks: int, n_microbatches: int, *, see
         seed: Seed of the model (:func:`make_model`) and of the micro-batches.
         timeout_s: Process-group timeout; the whole call fails after about this long
             plus start-up.
+        scale_grads: Passed to torch's schedule. False is right for our summed loss;
+            True divides the gradients by ``n_microbatches`` (for tests).
 
     Returns:
-        The losses of micro-batches 0..n_microbatches-1, 0-dim tensors, compare them with
+        A :class:`TorchPipeliningResult`; compare it with
         ``reference_step(make_model(check_args(n_stages, 0), seed), microbatches)``.
 
     Raises:
@@ -130,6 +161,7 @@ def torch_pipelining_losses(name: str, n_ranks: int, n_microbatches: int, *, see
     build_schedule(name, n_ranks, n_microbatches)  # the same limits as torch's: raises
     with tempfile.TemporaryDirectory(prefix="dsv3lite-torchpp-") as workdir:
         run_ranks(_worker, n_ranks, workdir, timeout_s,
-                  (name, n_ranks, n_microbatches, seed, workdir, timeout_s),
+                  (name, n_ranks, n_microbatches, seed, workdir, timeout_s, scale_grads),
                   label=f"torch.pipelining {name}")
-        return torch.load(os.path.join(workdir, "losses.pt"))
+        return TorchPipeliningResult(torch.load(os.path.join(workdir, "losses.pt")),
+                                     torch.load(os.path.join(workdir, "grads.pt")))
