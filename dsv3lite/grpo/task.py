@@ -6,7 +6,7 @@ reward model, to avoid reward hacking ([R1] §2.2.2). This task is the smallest 
 with the same shape: the prompt is ``" 7+45="`` (numbers right-aligned to a fixed
 width, so that every prompt has the same length), the completion must be the sum's
 digits written least significant first (``"25"`` for 52: the order of column addition,
-which lets each digit depend only on the digits already written and one carry;
+so that each digit needs only its own column and the carry from the column just written;
 most-significant-first needs the carries before it can write the first digit) followed
 by the end token, and
 
