@@ -402,9 +402,11 @@ def to_hf(model: Transformer, *, attn_implementation: str = "eager",
           experts_implementation: str = "eager") -> DeepseekV3ForCausalLM:
     """A ``DeepseekV3ForCausalLM`` computing the same logits as ``model``.
 
-    MTP modules are excluded: ``DeepseekV3ForCausalLM`` has none (the config says
-    ``num_mtp_layers=0``). Everything else is copied, so later changes to either model
-    do not affect the other.
+    MTP modules are excluded: ``DeepseekV3ForCausalLM`` has no place for them whatever
+    ``num_mtp_layers`` says (transformers keeps MTP layers in a separate ``MtpModel``,
+    which ``generate(use_mtp=True)`` loads from a checkpoint on disk as a draft), and the
+    exported config says ``num_mtp_layers=0``. Everything else is copied, so later
+    changes to either model do not affect the other.
 
     Args:
         model: Our model (any device; the copy is made on the same device).
