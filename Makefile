@@ -53,15 +53,22 @@ test: install data
 
 # On a CUDA machine: the GPU tests, then the FP8 and training benchmarks; without CUDA it
 # says so and succeeds. The benchmarks write their JSON to benchmarks/results/.
-gpu-check: install
-	@if ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+# A GPU machine often has torch and triton installed and no package index: when
+# $(PYTHON) already imports torch, triton and pytest, gpu-check uses it as it is (the
+# package from this checkout, through PYTHONPATH) and never creates a venv or runs pip.
+GPU_PY_READY := $(shell $(PYTHON) -c "import torch, triton, pytest" >/dev/null 2>&1 && echo yes)
+GPU_PY := $(if $(GPU_PY_READY),PYTHONPATH=$(CURDIR) $(PYTHON),$(PY))
+
+gpu-check: $(if $(GPU_PY_READY),,install)
+	@echo "gpu-check: using $(GPU_PY)"; \
+	if ! $(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		echo "gpu-check: no CUDA device here, nothing to measure"; exit 0; fi; \
 	status=0; \
-	$(PY) -m pytest -m gpu -q -rs || status=1; \
-	$(PY) benchmarks/fp8.py || status=1; \
-	$(PY) benchmarks/train.py --preset h100_1b --compile --hf --fp8-dims 1024,2048,4096 \
+	$(GPU_PY) -m pytest -m gpu -q -rs || status=1; \
+	$(GPU_PY) benchmarks/fp8.py || status=1; \
+	$(GPU_PY) benchmarks/train.py --preset h100_1b --compile --hf --fp8-dims 1024,2048,4096 \
 		--budget 200 || status=1; \
-	$(PY) benchmarks/summary.py; \
+	$(GPU_PY) benchmarks/summary.py; \
 	exit $$status
 
 ipynb: install
