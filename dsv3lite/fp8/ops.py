@@ -100,6 +100,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: Optional
     """
     _check_block_size(block_size)
     if use_triton(x):
+        # optional dependency: Triton, loaded on first use
         from .kernels import act_quant_triton
         return act_quant_triton(x, scale_fmt, transpose)
     return reference.act_quant_ref(x, scale_fmt, transpose)
@@ -117,6 +118,7 @@ def act_quant_both(x: torch.Tensor, scale_fmt: Optional[str] = None
         ``(q, s, qt, st)`` as the two calls return them.
     """
     if use_triton(x):
+        # optional dependency: Triton, loaded on first use
         from .kernels import act_quant_both_triton
         return act_quant_both_triton(x, scale_fmt)
     return (*reference.act_quant_ref(x, scale_fmt), *reference.act_quant_ref(x, scale_fmt, True))
@@ -136,6 +138,7 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK_SIZE,
     """
     _check_block_size(block_size)
     if use_triton(w):
+        # optional dependency: Triton, loaded on first use
         from .kernels import weight_quant_triton
         return weight_quant_triton(w, scale_fmt)
     return reference.weight_quant_ref(w, scale_fmt)
@@ -156,6 +159,7 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK_SIZ
     """
     _check_block_size(block_size)
     if use_triton(q):
+        # optional dependency: Triton, loaded on first use
         from .kernels import weight_dequant_triton
         return weight_dequant_triton(q, s, out_dtype)
     return reference.weight_dequant_ref(q, s, out_dtype)
@@ -177,6 +181,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         (..., N) tensor.
     """
     if use_triton(a):
+        # optional dependency: Triton, loaded on first use
         from .kernels import fp8_gemm_triton
         return fp8_gemm_triton(a, a_s, b, b_s, out_dtype)
     return reference.fp8_gemm_ref(a, a_s, b, b_s, out_dtype)

@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Optional
 
+from .check import check
 from .schedules import SCHEDULES, build_schedule
 from .simulate import simulate, table2_bubble
 
@@ -56,7 +57,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if ns.command == "simulate":
             t = simulate(schedule, ns.F, ns.B, ns.W, ns.FB, ns.comm, ns.p2p)
         else:
-            from .check import check
             if ns.timeout <= 0:
                 raise ValueError(f"timeout={ns.timeout} is invalid: must be > 0 seconds")
             report = check(ns.schedule, ns.ranks, ns.microbatches, timeout_s=ns.timeout)
