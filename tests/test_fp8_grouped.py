@@ -1,6 +1,6 @@
 """The grouped FP8 GEMMs of the routed experts against per-expert references.
 
-Reference path (every CPU run): :func:`~dsv3lite.fp8.grouped.pad_segments`, the grouped
+Reference path (every CPU run): :func:`~dsv3lite.fp8.segments.pad_segments`, the grouped
 reference GEMMs and the grouped FP8 experts, forward and backward, must reproduce what
 one :func:`~dsv3lite.fp8.linear.fp8_linear` per expert computes. 128-aligned segments
 make every quantization tile the same as per expert, so the results agree to the bit
@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3lite.fp8 import grouped
+from dsv3lite.fp8 import grouped, grouped_kernels
 from dsv3lite.fp8.accumulation import promoted_gemm_tolerance
 from dsv3lite.fp8.grouped import (grouped_fp8_experts, grouped_fp8_gemm, grouped_fp8_gemm_ref,
                                   grouped_fp8_linear, grouped_weight_quant, grouped_wgrad,
@@ -261,19 +261,19 @@ def test_bad_arguments_raise_value_errors_naming_them(case):
 
 def test_autotune_keys_bucket_the_token_counts():
     """The padded token count changes every step: keyed raw, each kernel would re-tune."""
-    for key, bucket in ((grouped._GROUPED_GEMM_KEY, "M_BUCKET"),
-                        (grouped._GROUPED_WGRAD_KEY, "T_BUCKET")):
+    for key, bucket in ((grouped_kernels._GROUPED_GEMM_KEY, "M_BUCKET"),
+                        (grouped_kernels._GROUPED_WGRAD_KEY, "T_BUCKET")):
         assert bucket in key and not {"M", "T"} & set(key)
-    assert [grouped._bucket(n) for n in (0, 1, 300, 512, 513, 10 ** 7)] == \
-        [1, 1, 512, 512, 1024, grouped.BUCKET_CAP]
+    assert [grouped_kernels._bucket(n) for n in (0, 1, 300, 512, 513, 10 ** 7)] == \
+        [1, 1, 512, 512, 1024, grouped_kernels.BUCKET_CAP]
     pytest.importorskip("triton")
     from dsv3lite.fp8.kernels import INTERPRET
 
     if INTERPRET:
         pytest.skip("no autotuning under TRITON_INTERPRET")
-    kernels = grouped._triton_kernels()
-    assert kernels.gemm.keys == grouped._GROUPED_GEMM_KEY
-    assert kernels.wgrad.keys == grouped._GROUPED_WGRAD_KEY
+    kernels = grouped_kernels._triton_kernels()
+    assert kernels.gemm.keys == grouped_kernels._GROUPED_GEMM_KEY
+    assert kernels.wgrad.keys == grouped_kernels._GROUPED_WGRAD_KEY
 
 
 # ----------------------------------------------------------------- interpreted kernels
@@ -318,7 +318,14 @@ def _run_kernels(inputs: dict) -> dict:
            for gemm in ("fprop", "dgrad")}
     out["wgrad"] = grouped.grouped_wgrad_triton(*ops["wgrad"], ops["ends"])
     grouped._force_triton = True  # the experts' layer on the kernels, quantizers reference
+    calls = {"gemm": 0, "wgrad": 0}  # what the dispatch sent to the kernels
+    for name, kind in (("grouped_fp8_gemm_triton", "gemm"), ("grouped_wgrad_triton", "wgrad")):
+        def counted(*args, _kernel=getattr(grouped, name), _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _kernel(*args, **kwargs)
+        setattr(grouped, name, counted)
     out["experts"] = _forward_backward(grouped_fp8_experts, inputs["experts"])
+    out["kernel_calls"] = calls
     return out
 
 
@@ -385,6 +392,8 @@ def test_interpreted_grouped_wgrad_matches_the_float64_product(interpreted):
 def test_interpreted_experts_layer_matches_the_reference_path(interpreted):
     """Forward and backward of the experts with every GEMM in the interpreted kernels."""
     inputs, outputs = interpreted
+    # _force_triton reached the dispatch: Fprop and Dgrad of w1, w3, w2 and their Wgrads
+    assert outputs["kernel_calls"] == {"gemm": 6, "wgrad": 3}
     reference = _forward_backward(grouped_fp8_experts, inputs["experts"])
     for name, ours, ref in zip(("y", "dx", "dw1", "dw2", "dw3"), outputs["experts"],
                                reference):

@@ -29,10 +29,11 @@ Usage::
 """
 
 from .e4m3 import E4M3_DTYPE, E4M3_MAX, e4m3_spacing
+from .grouped import grouped_fp8_experts
 from .linear import FP8Linear, convert_to_fp8, fp8_linear, fp8_weight_cache
 from .ops import act_quant, act_quant_both, fp8_gemm, use_triton, weight_dequant, weight_quant
 from .reference import BLOCK_SIZE
 
 __all__ = ["E4M3_DTYPE", "E4M3_MAX", "BLOCK_SIZE", "e4m3_spacing", "act_quant", "weight_quant",
            "weight_dequant", "fp8_gemm", "use_triton", "FP8Linear", "fp8_linear",
-           "convert_to_fp8", "act_quant_both", "fp8_weight_cache"]
+           "convert_to_fp8", "act_quant_both", "fp8_weight_cache", "grouped_fp8_experts"]
