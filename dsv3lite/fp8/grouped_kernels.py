@@ -60,11 +60,10 @@ def _triton_kernels() -> SimpleNamespace:
     compiler both look the kernels' names up there.
     """
     global triton, tl
-    # optional dependency: Triton, loaded on first use
-    import triton
-    import triton.language as tl
+    import triton  # optional dependency: Triton, loaded on first use
+    import triton.language as tl  # optional dependency, as above
 
-    # optional dependency: kernels imports Triton at its top, so it loads on first use too
+    # optional dependency: .kernels imports Triton at its top, so it loads on first use too
     from .kernels import INTERPRET
 
     @triton.jit
