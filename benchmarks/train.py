@@ -47,7 +47,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsv3lite import ModelArgs, Transformer, count_params  # noqa: E402
+from dsv3lite import ModelArgs, Transformer, convert_to_fp8, count_params  # noqa: E402
 from dsv3lite.train import _peak_flops, flops_per_token  # noqa: E402
 
 PRESETS = {"tiny": ModelArgs.tiny, "small": ModelArgs.small, "h100": ModelArgs.h100,
@@ -60,9 +60,10 @@ def _sync(device: torch.device) -> None:
 
 
 def ours_step(model, x, y, device):
-    """Forward + backward of our model; returns nothing (the loss stays on the device)."""
-    loss = model(x, y, return_logits=device.type != "cuda").loss.total
-    loss.backward()
+    """Forward + backward of our model; returns the step's expert counts (on the device)."""
+    out = model(x, y, return_logits=device.type != "cuda")
+    out.loss.total.backward()
+    return out.expert_counts
 
 
 def hf_step(model, x, y, device):
@@ -72,7 +73,8 @@ def hf_step(model, x, y, device):
 
 def time_steps(model, step, x, y, device, steps: int, warmup: int, bf16: bool,
                update=None) -> list[float]:
-    """Seconds of each timed training step (forward, backward, AdamW, ``update``)."""
+    """Seconds of each timed training step (forward, backward, AdamW, ``update``, which
+    gets what ``step`` returned)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     times = []
@@ -80,11 +82,11 @@ def time_steps(model, step, x, y, device, steps: int, warmup: int, bf16: bool,
         _sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            step(model, x, y, device)
+            result = step(model, x, y, device)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if update is not None:
-            update()
+            update(result)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -122,8 +124,7 @@ def build_rows(ns, args: ModelArgs, cuda: bool) -> list[dict]:
 
 
 def run_row(row: dict, ns, device, x, y) -> dict:
-    from dsv3lite.fp8 import convert_to_fp8
-    from dsv3lite.hf import to_hf
+    from dsv3lite.hf import to_hf  # transformers: optional, only for this benchmark
 
     torch.manual_seed(0)
     model = Transformer(row["args"]).to(device).train()
@@ -136,7 +137,7 @@ def run_row(row: dict, ns, device, x, y) -> dict:
         if row.get("fp8"):
             convert_to_fp8(model)
         step = ours_step
-        update = (lambda m=model: m.update_balance_biases(sync=False))
+        update = (lambda counts, m=model: m.update_balance_biases(counts, sync=False))
     if row["compiled"]:
         model = torch.compile(model, fullgraph=row["kind"] == "ours")
     if device.type == "cuda":

@@ -1,7 +1,8 @@
 """One pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(x)).
 
 The FFN is a dense SwiGLU MLP in the first ``n_dense_layers`` blocks and DeepSeekMoE
-afterwards ([V3] §2.1, §4.2; [V3-code] ``Block``).
+afterwards ([V3] §2.1, §4.2; [V3-code] ``Block``). A block returns its output and the
+:class:`~dsv3lite.moe.RoutingStats` of its MoE layer (None for a dense block).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .mla import MLA, AttnImpl, LatentKVCache
-from .moe import MLP, MoE
+from .moe import MLP, MoE, RoutingStats
 from .norm import RMSNorm
 
 __all__ = ["Block"]
@@ -28,10 +29,15 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = MLA(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
+        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim, args.fp8)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[LatentKVCache] = None, cache_layer: int = 0,
-                start_pos: int = 0, attn_impl: AttnImpl = "absorbed") -> torch.Tensor:
+                start_pos: int = 0, attn_impl: AttnImpl = "absorbed"
+                ) -> tuple[torch.Tensor, Optional[RoutingStats]]:
+        """``(x + attention + FFN, routing stats or None)`` for (B, T, dim) ``x``."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, cache_layer, start_pos, attn_impl)
-        return x + self.ffn(self.ffn_norm(x))
+        if isinstance(self.ffn, MoE):
+            out, stats = self.ffn(self.ffn_norm(x))
+            return x + out, stats
+        return x + self.ffn(self.ffn_norm(x)), None

@@ -53,7 +53,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._callable import make_module_callable
+from .checkpoint import latest_checkpoint, load_model
+from .data import EOT, load_tokenizer
 from .mla import ATTN_IMPLS, AttnImpl, LatentKVCache
 from .model import Transformer
 
@@ -186,9 +187,9 @@ class _Drafter:
         assert start + n == len(seq) - 1, "MTP positions out of step with the sequence"
         model = self.model
         nxt = torch.tensor([seq[start + 1:start + 1 + n]], device=h.device)  # t_{i+1}
-        out = self.module(h, model.embed(nxt), model.rope_cos[start:start + n],
-                          model.rope_sin[start:start + n], cache=self.cache,
-                          start_pos=start, attn_impl=self.attn_impl)
+        out, _ = self.module(h, model.embed(nxt), model.rope_cos[start:start + n],
+                             model.rope_sin[start:start + n], cache=self.cache,
+                             start_pos=start, attn_impl=self.attn_impl)
         self.next_pos, self.pending = start + n, []
         return int(model.head(self.module.norm(out[0, -1])).argmax())
 
@@ -317,9 +318,6 @@ def _stats(name: str, r: GenerationResult) -> str:
 
 
 def _run_cli(argv: Optional[list[str]]) -> int:
-    from .checkpoint import latest_checkpoint, load_model
-    from .data import EOT, load_tokenizer
-
     a = _parser().parse_args(argv)
     try:
         device = torch.device(a.device)
@@ -364,8 +362,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
 
-
-make_module_callable(__name__, generate)  # dsv3lite.generate(...) calls generate(...)
 
 
 if __name__ == "__main__":

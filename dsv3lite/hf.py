@@ -466,7 +466,6 @@ def from_hf(hf_model: DeepseekV3ForCausalLM) -> Transformer:
         model = Transformer(args)
     for moe in model.moe_layers():
         moe.gate.balancer.bias = moe.gate.balancer.bias.float()
-        moe.gate.balancer.counts = moe.gate.balancer.counts.float()
     model.load_state_dict(_our_state_dict(hf_model, args), strict=True)
     return model.eval()
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .fp8 import linear_class
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -115,17 +116,18 @@ class MLA(nn.Module):
         self.qk_head_dim = args.qk_head_dim
         self.v_head_dim = args.v_head_dim
         self.softmax_scale = softmax_scale(args)
+        Linear = linear_class(args.fp8)  # the GEMM backend: FP8Linear with fp8=True (§3.3.1)
         if self.q_lora_rank == 0:
-            self.wq = nn.Linear(args.dim, self.n_heads * self.qk_head_dim, bias=False)
+            self.wq = Linear(args.dim, self.n_heads * self.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(args.dim, self.q_lora_rank, bias=False)  # W^DQ
+            self.wq_a = Linear(args.dim, self.q_lora_rank, bias=False)  # W^DQ
             self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps)
-            self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+            self.wq_b = Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
-        self.wkv_b = nn.Linear(self.kv_lora_rank,
-                               self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
-        self.wo = nn.Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
+        self.wkv_b = Linear(self.kv_lora_rank,
+                            self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wo = Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Per-head queries split into (q_nope, q_pe), each (B, T, H, ·); q_pe rotated."""

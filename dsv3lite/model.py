@@ -2,14 +2,19 @@
 
 ``Transformer(args)(tokens, targets)`` returns the logits and, with targets, the loss
 parts: main next-token cross-entropy, the MTP cross-entropy (weighted by λ in the
-total), and the sequence-wise balance loss ([V3] §2.2, Eqs. 17-20). With a
+total), and the sequence-wise balance loss ([V3] §2.2, Eqs. 17-20), plus the tokens each
+expert of each MoE layer received, which the caller hands to
+:meth:`Transformer.update_balance_biases` after the optimizer step. With a
 :class:`~dsv3lite.mla.LatentKVCache` it decodes incrementally ([V3-code] ``MLA.forward``).
+
+:func:`convert_to_fp8` switches a built model's eligible GEMMs to FP8 (``ModelArgs(fp8=True)``
+builds them so from the start).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +22,15 @@ from torch import nn
 
 from .block import Block
 from .config import ModelArgs
-from .mla import AttnImpl, LatentKVCache
+from .fp8 import FP8Linear
 from .losses import linear_cross_entropy
-from .moe import Gate, GroupedExperts, MoE
+from .mla import MLA, AttnImpl, LatentKVCache
+from .moe import MLP, Gate, GroupedExperts, MoE, RoutingStats
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_rope
 
-__all__ = ["Transformer", "ModelOutput", "LossBreakdown"]
+__all__ = ["Transformer", "ModelOutput", "LossBreakdown", "convert_to_fp8", "is_fp8_eligible"]
 
 
 @dataclass
@@ -53,11 +59,17 @@ class ModelOutput:
         logits: (B, T, vocab_size) next-token logits (None with ``return_logits=False``).
         loss: The loss parts when targets were given, else None.
         hidden: (B, T, dim) last block's output before the final norm (h^0 for MTP).
+        expert_counts: (n_moe_layers, n_routed_experts) int64 tokens routed to each
+            expert of each MoE layer in this pass, one row per layer of
+            :meth:`Transformer.moe_layers` (main layers, then the MTP blocks'); the rows
+            of layers that did not run (MTP without targets or with a cache) are zero.
+            Sum them over a step's passes for :meth:`Transformer.update_balance_biases`.
     """
 
     logits: Optional[torch.Tensor]
     loss: Optional[LossBreakdown] = None
     hidden: Optional[torch.Tensor] = None
+    expert_counts: Optional[torch.Tensor] = None
 
 
 class Transformer(nn.Module):
@@ -75,9 +87,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
-        if args.fp8:
-            from .fp8 import convert_to_fp8
-            convert_to_fp8(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -97,23 +106,28 @@ class Transformer(nn.Module):
         """Every MoE layer, the MTP blocks' included, in order."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def update_balance_biases(self, gamma: Optional[float] = None,
+    def update_balance_biases(self, counts: torch.Tensor, gamma: Optional[float] = None,
                               sync: bool = True) -> list:
         """Apply the bias update to every MoE layer after an optimizer step.
 
         Args:
+            counts: (n_moe_layers, n_routed_experts) tokens per expert over the step:
+                :attr:`ModelOutput.expert_counts`, summed over the step's forward passes.
             gamma: Bias update speed γ (default ``args.bias_update_speed``).
             sync: Return floats (True) or 0-dim device tensors, read nothing back (False).
 
         Returns:
             MaxVio of each MoE layer over the step's tokens.
         """
+        moes = self.moe_layers()
+        expected = (len(moes), self.args.n_routed_experts)
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != expected:
+            what = (f"shape {tuple(counts.shape)}" if isinstance(counts, torch.Tensor)
+                    else f"type {type(counts).__name__}")
+            raise ValueError(f"counts has {what}: must be a {expected} tensor (MoE layers x "
+                             "experts), the expert_counts of the step's forward passes")
         gamma = self.args.bias_update_speed if gamma is None else gamma
-        return [moe.gate.balancer.update(gamma, sync) for moe in self.moe_layers()]
-
-    def expert_counts(self) -> torch.Tensor:
-        """(n_moe_layers, n_routed_experts) tokens per expert in the last updated step."""
-        return torch.stack([m.gate.balancer.last_counts.cpu() for m in self.moe_layers()])
+        return [moe.gate.balancer.update(c, gamma, sync) for moe, c in zip(moes, counts)]
 
     def drop_mtp(self) -> "Transformer":
         """Remove the MTP modules (inference does not need them); returns self."""
@@ -160,60 +174,82 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start_pos:start_pos + T]
         sin = self.rope_sin[start_pos:start_pos + T]
         h = self.embed(tokens)
+        routing: list[RoutingStats] = []  # one entry per MoE layer, in order
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i, start_pos, attn_impl)
+            h, stats = layer(h, cos, sin, cache, i, start_pos, attn_impl)
+            if stats is not None:
+                routing.append(stats)
         if targets is None and not return_logits:
             raise ValueError("return_logits=False needs targets (it only changes how the "
                              "loss is computed)")
         logits = self.head(self.norm(h)) if return_logits else None
         if targets is None:
-            return ModelOutput(logits=logits, hidden=h)
+            return ModelOutput(logits=logits, hidden=h, expert_counts=self.stack_counts(routing))
         if targets.shape != tokens.shape:
             raise ValueError(f"targets has shape {tuple(targets.shape)}: expected "
                              f"{tuple(tokens.shape)} like tokens")
-        loss = self.loss_parts(tokens, targets, logits, h, mtp=cache is None,
-                               mtp_lambda=mtp_lambda)
-        return ModelOutput(logits=logits, loss=loss, hidden=h)
+        loss, routing = self.loss_parts(tokens, targets, logits, h, routing,
+                                        mtp=cache is None, mtp_lambda=mtp_lambda)
+        return ModelOutput(logits=logits, loss=loss, hidden=h,
+                           expert_counts=self.stack_counts(routing))
+
+    def stack_counts(self, routing: Sequence[RoutingStats]) -> torch.Tensor:
+        """:attr:`ModelOutput.expert_counts` from the stats of the MoE layers that ran
+        (the first ``len(routing)`` of :meth:`moe_layers`); the rest get zero rows."""
+        n_moe, n_experts = len(self.moe_layers()), self.args.n_routed_experts
+        counts = [s.counts for s in routing]
+        if len(counts) < n_moe:
+            zeros = self.rope_cos.new_zeros(n_experts, dtype=torch.long)
+            counts += [zeros] * (n_moe - len(counts))
+        return (torch.stack(counts) if counts
+                else self.rope_cos.new_zeros(0, n_experts, dtype=torch.long))
 
     def loss_parts(self, tokens: torch.Tensor, targets: torch.Tensor,
-                   logits: Optional[torch.Tensor],
-                   h: torch.Tensor, *, mtp: bool = True,
-                   mtp_lambda: Optional[float] = None) -> LossBreakdown:
+                   logits: Optional[torch.Tensor], h: torch.Tensor,
+                   routing: Sequence[RoutingStats] = (), *, mtp: bool = True,
+                   mtp_lambda: Optional[float] = None
+                   ) -> tuple[LossBreakdown, list[RoutingStats]]:
         """The loss parts from the main logits and the last block's output ``h``.
 
-        Runs the MTP modules (when ``mtp`` and the model has them), then collects and
-        clears the balance losses the MoE layers left in ``balance_loss`` during this
-        forward. A pipeline's last stage calls it too (:mod:`dsv3lite.pipeline`), so
+        Runs the MTP modules (when ``mtp`` and the model has them) and averages the
+        balance losses of ``routing`` (the main MoE layers' stats, in order) and of the
+        MTP blocks. A pipeline's last stage calls it too (:mod:`dsv3lite.pipeline`), so
         that its loss is the same computation, bit for bit.
+
+        Returns:
+            The loss parts, and the routing stats of every MoE layer that ran: those of
+            ``routing``, then the MTP blocks'.
         """
         fused = logits is None  # chunked head + loss (forward's return_logits=False)
         if fused:
             main = linear_cross_entropy(self.norm(h), self.head.weight, targets)
         else:
             main = _cross_entropy(logits, targets)
-        mtp_loss = (self._mtp_loss(tokens, targets, h, fused) if len(self.mtp) and mtp
-                    else None)
+        routing = list(routing)
+        mtp_loss = None
+        if len(self.mtp) and mtp:
+            mtp_loss, mtp_routing = self._mtp_loss(tokens, targets, h, fused)
+            routing += mtp_routing
         mtp_loss = main.new_zeros(()) if mtp_loss is None else mtp_loss
-        moes = self.moe_layers()
-        balances = [m.balance_loss for m in moes if self.training and m.balance_loss is not None]
-        balance = torch.stack(balances).mean() if balances else main.new_zeros(())
+        balances = [s.balance_loss for s in routing if s.balance_loss is not None]
+        balance = (torch.stack(balances).mean() if balances and self.training
+                   else main.new_zeros(()))
         lam = self.args.mtp_lambda if mtp_lambda is None else mtp_lambda
         total = main + lam * mtp_loss + balance
-        for m in moes:
-            m.balance_loss = None
-        return LossBreakdown(main, mtp_loss, balance, total)
+        return LossBreakdown(main, mtp_loss, balance, total), routing
 
     def _mtp_loss(self, tokens: torch.Tensor, targets: torch.Tensor, h: torch.Tensor,
-                  fused: bool = False) -> Optional[torch.Tensor]:
-        """(1/D) Σ_k CE^k: depth k at position i sees t_{i+k} and predicts target i+k."""
-        states = self.mtp_states(tokens, h)
+                  fused: bool = False) -> tuple[Optional[torch.Tensor], list[RoutingStats]]:
+        """(1/D) Σ_k CE^k: depth k at position i sees t_{i+k} and predicts target i+k.
+        Also returns the MTP blocks' routing stats."""
+        states, routing = self.mtp_states(tokens, h)
         if fused:
             losses = [linear_cross_entropy(s, self.head.weight, targets[:, k:])
                       for k, s in enumerate(states, start=1)]
         else:
             losses = [_cross_entropy(self.head(s), targets[:, k:])
                       for k, s in enumerate(states, start=1)]
-        return torch.stack(losses).mean() if losses else None
+        return (torch.stack(losses).mean() if losses else None), routing
 
     def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
         """Draft logits of each MTP depth, for speculative decoding.
@@ -224,24 +260,75 @@ class Transformer(nn.Module):
         Returns:
             List over depths k of (B, T - k, vocab) logits predicting the token k+1 ahead.
         """
-        return [self.head(s) for s in self.mtp_states(tokens, h)]
+        return [self.head(s) for s in self.mtp_states(tokens, h)[0]]
 
-    def mtp_states(self, tokens: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_states(self, tokens: torch.Tensor, h: torch.Tensor
+                   ) -> tuple[list[torch.Tensor], list[RoutingStats]]:
         """The chain of MTP modules: each depth's normalised output, fed to the shared head.
 
         Depth k reads the previous depth's output (the main model's h for k = 1) at
         positions 0..T-k-1 and the embeddings of tokens k..T-1, so it keeps the causal chain
-        ([V3] §2.2, Eq. 21). Returns a list over depths of (B, T - k, dim) tensors.
+        ([V3] §2.2, Eq. 21). Returns a list over depths of (B, T - k, dim) tensors, and
+        the routing stats of the depths' MoE layers.
         """
-        out = []
+        out, routing = [], []
         for k, module in enumerate(self.mtp, start=1):
             n = tokens.shape[1] - k
             if n < 1:
                 break
-            h = module(h[:, :n], self.embed(tokens[:, k:]), self.rope_cos[:n], self.rope_sin[:n])
+            h, stats = module(h[:, :n], self.embed(tokens[:, k:]),
+                              self.rope_cos[:n], self.rope_sin[:n])
             out.append(module.norm(h))
-        return out
+            if stats is not None:
+                routing.append(stats)
+        return out, routing
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+# ------------------------------------------------------------------------ FP8
+def is_fp8_eligible(owner: nn.Module, linear: nn.Module) -> bool:
+    """Whether ``linear``, a direct child of ``owner``, runs in FP8 (§3.3.1).
+
+    True for plain ``nn.Linear`` children of MLA (attention projections) and of MLP
+    (dense FFNs, routed and shared experts). Everything else stays in high precision:
+    the embedding, output head, router, norms, attention core and MTP ``eh_proj``.
+    """
+    return isinstance(owner, (MLA, MLP)) and type(linear) is nn.Linear
+
+
+def convert_to_fp8(model: nn.Module) -> list[str]:
+    """Switch a built model's eligible GEMMs to FP8, in place ([V3] §3.3.1).
+
+    Following §3.3.1 it converts the Linear projections of attention (MLA: ``wq``/``wq_a``,
+    ``wq_b``, ``wkv_a``, ``wkv_b``, ``wo``) and of every SwiGLU FFN (dense FFNs and shared
+    experts: ``w1``, ``w2``, ``w3``) to :class:`~dsv3lite.fp8.FP8Linear`, sharing their
+    Parameters, and switches the routed experts (:class:`~dsv3lite.moe.GroupedExperts`)
+    to their FP8 path. It leaves in higher precision the embedding, the output head, the
+    router (``Gate``), the norms and the attention core (softmax(QK^T)V), as the paper
+    does, and also the MTP projection ``eh_proj``: our call, since the paper does not list
+    it among the FP8 GEMMs and it merges two separately normalised streams. The absorbed
+    MLA decode reads ``wkv_b.weight`` directly, in high precision.
+    ``Transformer(ModelArgs(..., fp8=True))`` builds the same layers in FP8 from the start.
+
+    Args:
+        model: A :class:`Transformer` or any module containing MLA / MLP / GroupedExperts.
+
+    Returns:
+        Qualified names of the Linears converted by this call, a routed expert's as
+        ``...experts.{e}.w1`` (already converted ones are left alone, so calling twice
+        converts nothing more).
+    """
+    converted = []
+    for owner_name, owner in list(model.named_modules()):
+        if isinstance(owner, GroupedExperts) and not owner.fp8:
+            owner.fp8 = True  # grouped FP8 GEMMs on a GPU, else one expert at a time
+            converted += [f"{owner_name}.{e}.{w}" for e in range(owner.n_experts)
+                          for w in ("w1", "w2", "w3")]
+        for child_name, child in list(owner.named_children()):
+            if is_fp8_eligible(owner, child):
+                setattr(owner, child_name, FP8Linear.from_linear(child))
+                converted.append(f"{owner_name}.{child_name}" if owner_name else child_name)
+    return converted

@@ -16,19 +16,27 @@ No token is ever dropped. The bias b is no Parameter: :class:`BiasBalancer` owns
 and moves it by b_i += γ·sign(mean load − load_i) after each optimizer step ([LF]
 Alg. 1; [V3] §2.1.2). A small sequence-wise balance loss (α = 1e-4) complements
 it ([V3] Eqs. 17-20, §4.2).
+
+The layer keeps no record of what it routed: its forward returns the output together
+with a :class:`RoutingStats` (tokens per expert, and the balance loss in training), the
+model sums those on the way out, and the caller hands the step's counts to
+:meth:`BiasBalancer.update`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .fp8 import fp8_linear, grouped_fp8_experts, linear_class, use_triton
 
-__all__ = ["MLP", "Gate", "BiasBalancer", "GroupedExperts", "MoE", "MOE_IMPLS",
+__all__ = ["MLP", "Gate", "BiasBalancer", "GroupedExperts", "MoE", "RoutingStats", "MOE_IMPLS",
            "max_violation", "sequence_balance_loss"]
 
 MOE_IMPLS = ("grouped", "loop")
@@ -37,11 +45,12 @@ MOE_IMPLS = ("grouped", "loop")
 class MLP(nn.Module):
     """SwiGLU feed-forward block: w2(silu(w1 x) * w3 x). Used for dense FFNs and experts."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, fp8: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        Linear = linear_class(fp8)  # the GEMM backend: FP8Linear with fp8=True (§3.3.1)
+        self.w1 = Linear(dim, inter_dim, bias=False)
+        self.w2 = Linear(inter_dim, dim, bias=False)
+        self.w3 = Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -56,26 +65,39 @@ def max_violation(counts: torch.Tensor) -> float:
     return float((counts.max() - mean) / mean)
 
 
+@dataclass
+class RoutingStats:
+    """What one MoE layer's forward pass reports besides its output.
+
+    Attributes:
+        counts: (N_r,) int64 tokens routed to each expert (a token counts once for each
+            of its K experts), on the layer's device.
+        balance_loss: The sequence-wise balance loss of this pass (a scalar with
+            gradient) in training mode, None in eval mode.
+    """
+
+    counts: torch.Tensor
+    balance_loss: Optional[torch.Tensor] = None
+
+
 class BiasBalancer(nn.Module):
     """Owner of the per-expert routing bias b and of its update rule.
 
     The bias is a buffer (saved in checkpoints, moved by ``.to``), never a Parameter:
-    no gradient reaches it. During training the MoE layer adds each forward pass's
-    expert counts to ``counts``; after the optimizer step :meth:`update` applies
-    b_i += γ·sign(mean(c) − c_i) and starts a fresh count.
+    no gradient reaches it. After the optimizer step, :meth:`update` takes the expert
+    counts of the step's forward passes (summed by the caller) and applies
+    b_i += γ·sign(mean(c) − c_i).
     """
 
     def __init__(self, n_experts: int):
         super().__init__()
+        self.n_experts = n_experts
         self.register_buffer("bias", torch.zeros(n_experts, dtype=torch.float32))
-        self.register_buffer("counts", torch.zeros(n_experts, dtype=torch.float32),
-                             persistent=False)
-        self.last_counts = torch.zeros(n_experts)
 
     def _apply(self, fn, recurse=True):
-        """Follow ``.to(device)`` but never a dtype change: the bias and the counts stay
-        fp32 ([V3] §3.3.1 keeps the gating in high precision). In bf16, a bias near 1
-        could not move by γ = 0.001 at all (bf16's spacing there is 2^-7)."""
+        """Follow ``.to(device)`` but never a dtype change: the bias stays fp32 ([V3]
+        §3.3.1 keeps the gating in high precision). In bf16, a bias near 1 could not move
+        by γ = 0.001 at all (bf16's spacing there is 2^-7)."""
         before = dict(self._buffers)
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -85,32 +107,36 @@ class BiasBalancer(nn.Module):
         return self
 
     @torch.no_grad()
-    def record(self, counts: torch.Tensor) -> None:
-        """Add the expert counts of one forward pass (tokens routed to each expert)."""
-        self.counts += counts.to(self.counts)
-
-    @torch.no_grad()
-    def update(self, gamma: float, sync: bool = True) -> float | torch.Tensor:
-        """Apply the sign rule with speed ``gamma``; return the step's MaxVio.
+    def update(self, counts: torch.Tensor, gamma: float,
+               sync: bool = True) -> Union[float, torch.Tensor]:
+        """Apply the sign rule to the step's ``counts`` with speed ``gamma``; return MaxVio.
 
         Overloaded experts (count above the mean) lose γ, underloaded ones gain γ.
-        Experts exactly at the mean are left alone. With ``sync=False`` nothing is read
-        back to the host: MaxVio is returned as a 0-dim tensor on the bias's device and
-        ``last_counts`` stays there too (a training loop reads them when it logs).
+        Experts exactly at the mean are left alone.
+
+        Args:
+            counts: (N_r,) tokens each expert received over the step (any real dtype):
+                :attr:`RoutingStats.counts`, summed over the step's forward passes.
+            gamma: Bias update speed γ >= 0 (0 only measures).
+            sync: With False nothing is read back to the host: MaxVio is returned as a
+                0-dim tensor on the bias's device.
+
+        Returns:
+            MaxVio of ``counts`` ([LF] Eq. 4), a float (``sync``) or a 0-dim tensor.
         """
+        if not isinstance(counts, torch.Tensor) or counts.shape != (self.n_experts,):
+            what = (f"shape {tuple(counts.shape)}" if isinstance(counts, torch.Tensor)
+                    else f"type {type(counts).__name__}")
+            raise ValueError(f"counts has {what}: must be a ({self.n_experts},) tensor of "
+                             "tokens per expert")
         if gamma < 0:
             raise ValueError(f"gamma={gamma} is invalid: the bias update speed must be >= 0")
-        counts = self.counts.clone()
+        counts = counts.to(self.bias)
         self.bias += gamma * torch.sign(counts.mean() - counts)
-        self.counts.zero_()
         mean = counts.mean()
         vio = torch.where(mean > 0, (counts.max() - mean) / mean.clamp(min=1e-30),
                           torch.zeros_like(mean))  # max_violation without a branch
-        if not sync:
-            self.last_counts = counts
-            return vio
-        self.last_counts = counts.cpu()
-        return float(vio)
+        return vio.item() if sync else vio
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int,
@@ -185,8 +211,9 @@ class GroupedExperts(nn.Module):
     tokens sorted by expert, with the segment ends computed on the device: no host
     synchronisation and three launches per layer, whatever the number of experts.
     ``impl="loop"`` is the reference: one small matmul per expert after reading the
-    counts on the host. With FP8 on (:func:`~dsv3lite.fp8.convert_to_fp8` sets ``fp8``)
-    the experts' three GEMMs run block-scaled in FP8: on a GPU with FP8 tensor cores as
+    counts on the host. With ``fp8=True`` (``ModelArgs.fp8``, or
+    :func:`~dsv3lite.model.convert_to_fp8` on a built model) the experts' three GEMMs run
+    block-scaled in FP8: on a GPU with FP8 tensor cores as
     one grouped FP8 GEMM each over 128-aligned segments (:mod:`dsv3lite.fp8.grouped`, no
     host sync), elsewhere (and with ``impl="loop"``) expert by expert through
     :func:`~dsv3lite.fp8.fp8_linear`, which gives the same numbers.
@@ -195,11 +222,12 @@ class GroupedExperts(nn.Module):
     are stacked on load.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "grouped"):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "grouped",
+                 fp8: bool = False):
         super().__init__()
         if impl not in MOE_IMPLS:
             raise ValueError(f"impl={impl!r} is invalid: choose one of {', '.join(MOE_IMPLS)}")
-        self.n_experts, self.impl, self.fp8 = n_experts, impl, False
+        self.n_experts, self.impl, self.fp8 = n_experts, impl, fp8
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
@@ -231,11 +259,8 @@ class GroupedExperts(nn.Module):
             x: (N, dim) tokens, expert 0's first, then expert 1's, ...
             counts: (E,) tokens per expert (on x's device).
         """
-        if self.fp8 and self.impl == "grouped":
-            from .fp8.ops import use_triton
-            if use_triton(x):
-                from .fp8.grouped import grouped_fp8_experts
-                return grouped_fp8_experts(x, counts, self.w1, self.w2, self.w3)
+        if self.fp8 and self.impl == "grouped" and use_triton(x):  # a GPU with FP8 kernels
+            return grouped_fp8_experts(x, counts, self.w1, self.w2, self.w3)
         if self.impl == "loop" or self.fp8:
             return self._loop(x, counts)
         if torch.is_autocast_enabled(x.device.type):
@@ -247,10 +272,7 @@ class GroupedExperts(nn.Module):
         return torch._grouped_mm(h, w2.transpose(-2, -1), offs=ends)
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if self.fp8:
-            from .fp8.linear import fp8_linear as linear
-        else:
-            linear = F.linear
+        linear = fp8_linear if self.fp8 else F.linear
         outs = []
         for e, chunk in enumerate(x.split(counts.tolist())):  # host sync: the reference
             if len(chunk):
@@ -261,7 +283,11 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts plus routed experts; returns the FFN output (Eq. 12 without residual)."""
+    """Shared experts plus routed experts (Eq. 12 without the residual).
+
+    ``moe(x)`` returns ``(out, stats)``: the FFN output and the :class:`RoutingStats` of
+    the pass. The layer stores nothing about the pass.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -270,22 +296,29 @@ class MoE(nn.Module):
         self.alpha = args.balance_loss_alpha
         self.gate = Gate(args)
         self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim,
-                                      args.moe_impl)
-        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+                                      args.moe_impl, args.fp8)
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args.fp8)
                                if args.n_shared_experts else None)
-        self.balance_loss: torch.Tensor | None = None  # set by each training forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+        """Route and run the experts.
+
+        Args:
+            x: (B, T, dim) tokens.
+
+        Returns:
+            ``(out, stats)``: out (B, T, dim); stats the expert counts of this pass and,
+            in training mode, its sequence-wise balance loss ([V3] Eqs. 17-20).
+        """
         B, T, dim = x.shape
         flat = x.reshape(-1, dim)  # (N, dim)
         gates, indices, scores = self.gate(flat)
         chosen = indices.flatten()  # (N·K,)
         counts = torch.zeros(self.n_routed_experts, dtype=torch.long, device=x.device) \
             .scatter_add_(0, chosen, torch.ones_like(chosen))  # no host sync, unlike bincount
-        if self.training:
-            self.gate.balancer.record(counts)
-            self.balance_loss = sequence_balance_loss(
-                scores.view(B, T, -1), indices.view(B, T, -1), self.top_k, self.alpha)
+        balance_loss = (sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1),
+                                              self.top_k, self.alpha)
+                        if self.training else None)
         # Dispatch: sort the (token, slot) pairs by expert so each expert runs once on a
         # contiguous slice; then scatter-add the gated outputs back to their tokens.
         order = chosen.argsort(stable=True)
@@ -295,4 +328,4 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat, dtype=weighted.dtype).index_add_(0, token_of, weighted)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.view(B, T, dim)
+        return out.view(B, T, dim), RoutingStats(counts, balance_loss)

@@ -26,6 +26,7 @@ from torch import nn
 from .block import Block
 from .config import ModelArgs
 from .mla import AttnImpl, LatentKVCache
+from .moe import RoutingStats
 from .norm import RMSNorm
 
 __all__ = ["MTPModule"]
@@ -50,8 +51,9 @@ class MTPModule(nn.Module):
     def forward(self, h_prev: torch.Tensor, next_embeddings: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, *,
                 cache: Optional[LatentKVCache] = None, start_pos: int = 0,
-                attn_impl: AttnImpl = "absorbed") -> torch.Tensor:
-        """h^k for the positions of ``h_prev``.
+                attn_impl: AttnImpl = "absorbed"
+                ) -> tuple[torch.Tensor, Optional[RoutingStats]]:
+        """h^k for the positions of ``h_prev``, and the routing stats of the block's MoE.
 
         Args:
             h_prev: (B, T', dim) hidden states h^{k-1} for positions
@@ -64,7 +66,9 @@ class MTPModule(nn.Module):
             attn_impl: ``"naive"`` or ``"absorbed"`` decode attention (only with a cache).
 
         Returns:
-            (B, T', dim) h^k (before the final norm, so depth k+1 can chain on it).
+            ``(h, stats)``: (B, T', dim) h^k (before the final norm, so depth k+1 can
+            chain on it), and the block's :class:`~dsv3lite.moe.RoutingStats` (None when
+            its FFN is dense).
         """
         merged = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(next_embeddings)], -1))
         if cache is None:

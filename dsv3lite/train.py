@@ -32,9 +32,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ._callable import make_module_callable
 from .accounting import count_params
 from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_checkpoint
 from .config import ModelArgs
@@ -205,13 +205,18 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 @dataclass
 class TrainResult:
-    """What a run returns: the final step, the last validation losses, and the folders."""
+    """What a run returns: the final step, the last validation losses, and the folders.
+
+    ``expert_counts`` is the (n_moe_layers, n_routed_experts) load of the last training
+    step (tokens per expert, on the CPU; None when the call ran no step).
+    """
 
     step: int
     val: dict
     out: Path
     data: PreparedData
     model: Transformer
+    expert_counts: Optional[torch.Tensor] = None
 
 
 def _rng_state(gen: torch.Generator) -> dict:
@@ -289,8 +294,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if resume:
         ckpt = latest_checkpoint(out)
         state = load_training_state(ckpt)
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], batch_gen)
@@ -329,13 +332,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         with autocast():
             # On CUDA the loss runs chunked through the head (no full logits tensor);
             # on a CPU the reference path keeps seeded runs exactly as they were.
-            loss = step_fn(x, y, mtp_lambda=lam, return_logits=not use_cuda).loss
+            out_step = step_fn(x, y, mtp_lambda=lam, return_logits=not use_cuda)
+        loss, counts = out_step.loss, out_step.expert_counts
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         # after the optimizer step; nothing is read back to the host until a log step
-        max_vio = model.update_balance_biases(gamma, sync=False)
+        max_vio = model.update_balance_biases(counts, gamma, sync=False)
         tokens_seen += x.numel()
         tok_window += x.numel()
         for k in ("main", "mtp", "balance", "total"):
@@ -371,7 +375,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                             "rng": _rng_state(batch_gen)},
                             tokenizer_path=data.tokenizer_path)
     bar.close()
-    return TrainResult(step=end, val=val, out=out, data=data, model=model)
+    last_counts = counts.cpu() if end > start else None
+    return TrainResult(step=end, val=val, out=out, data=data, model=model,
+                       expert_counts=last_counts)
 
 
 def _append(path: Path, record: dict) -> None:
@@ -433,8 +439,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"checkpoint: {latest_checkpoint(result.out)}")
     return 0
 
-
-make_module_callable(__name__, train)  # dsv3lite.train(...) calls train(...)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from dsv3lite import ModelArgs, Transformer, count_params
-from dsv3lite.fp8 import FP8Linear, act_quant, convert_to_fp8, weight_quant
+from dsv3lite.fp8 import FP8Linear, act_quant, weight_quant
+from dsv3lite.model import convert_to_fp8
 from dsv3lite.fp8.reference import dequantize_tiles
 
 
@@ -183,6 +184,25 @@ def test_convert_swaps_attention_and_ffn_linears_and_keeps_the_rest_high_precisi
     assert convert_to_fp8(model) == []  # idempotent
 
 
+def test_building_with_fp8_is_converting_a_built_model():
+    """ModelArgs(fp8=True) picks FP8Linear when the modules are built; the result is the
+    model convert_to_fp8 makes of the same seeded fp32 model, weights and outputs alike."""
+    args = _args()
+    torch.manual_seed(0)
+    built = Transformer(args.replace(fp8=True))
+    torch.manual_seed(0)
+    converted = Transformer(args)
+    assert convert_to_fp8(converted)  # it had something to convert
+    assert [(n, type(m)) for n, m in built.named_modules()] == \
+        [(n, type(m)) for n, m in converted.named_modules()]
+    assert built.layers[1].ffn.experts.fp8 and converted.layers[1].ffn.experts.fp8
+    assert built.state_dict().keys() == converted.state_dict().keys()
+    assert all(torch.equal(v, converted.state_dict()[k]) for k, v in built.state_dict().items())
+    assert convert_to_fp8(built) == []  # nothing left to convert
+    tokens = torch.randint(0, args.vocab_size, (2, 16))
+    assert torch.equal(built(tokens).logits, converted(tokens).logits)
+
+
 def test_fp8_flag_keeps_state_dict_keys_and_parameter_counts():
     args = _args()
     plain, fp8 = Transformer(args), Transformer(args.replace(fp8=True))
@@ -234,7 +254,7 @@ def _train(args: ModelArgs, batches: torch.Tensor) -> list[float]:
         opt.zero_grad()
         out.loss.total.backward()
         opt.step()
-        model.update_balance_biases()
+        model.update_balance_biases(out.expert_counts)
         losses.append(out.loss.main.item())
     return losses
 

@@ -77,20 +77,39 @@ def test_a_few_steps_fit_one_batch_and_update_the_balancer():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(30):
-        loss = model(x, y).loss
+        out = model(x, y)
+        loss, counts = out.loss, out.expert_counts  # counts: the step's load per layer
         opt.zero_grad()
         loss.total.backward()
         opt.step()
-        violations = model.update_balance_biases()
+        violations = model.update_balance_biases(counts)
         first = first if first is not None else loss.main.item()
     assert loss.main.item() < first - 1.0
     assert len(violations) == len(model.moe_layers()) == 2  # main MoE layer + MTP block
     assert all(m.gate.balancer.bias.abs().sum() > 0 for m in model.moe_layers())
-    counts = model.expert_counts()  # the last step's load, per MoE layer and expert
     assert counts.shape == (2, args.n_routed_experts)
     # no token dropped: every token of the main layer, and the MTP block's T-1 positions
     assert counts.sum(-1).tolist() == [4 * 32 * args.n_activated_experts,
                                        4 * 31 * args.n_activated_experts]
+
+
+def test_expert_counts_are_values_of_the_forward_and_rows_of_layers_not_run_are_zero():
+    args = ModelArgs.tiny()
+    model = Transformer(args).train()
+    x, y = _batch(args, B=2, T=9)
+    full = model(x, y).expert_counts  # main MoE layer and the MTP block's
+    assert full.shape == (2, args.n_routed_experts) and full.dtype == torch.long
+    assert full.sum(-1).tolist() == [2 * 8 * args.n_activated_experts,
+                                     2 * 7 * args.n_activated_experts]
+    no_targets = model(x).expert_counts  # the MTP block does not run
+    assert torch.equal(no_targets[0], full[0]) and no_targets[1].sum() == 0
+    assert torch.equal(model.eval()(x, y).expert_counts, full)  # eval counts too
+    # the model keeps nothing of a forward: a second call gives the same values
+    assert torch.equal(model.train()(x, y).expert_counts, full)
+    with pytest.raises(ValueError, match=r"counts has shape \(1, 8\): must be a \(2, 8\)"):
+        model.update_balance_biases(full[:1])
+    with pytest.raises(ValueError, match="counts has type float"):
+        model.update_balance_biases(1e-3)
 
 
 def test_wrong_input_shapes_raise_clear_errors():
@@ -107,13 +126,16 @@ def test_a_training_step_reads_nothing_back_to_the_host(host_syncs):
     model = Transformer(ModelArgs.tiny()).train()
     x, y = _batch(model.args, B=2, T=16)
     with host_syncs() as mode:
-        model(x, y).loss.total.backward()
-        model(x, y, return_logits=False).loss.total.backward()  # chunked loss (CUDA's)
-        vios = model.update_balance_biases(sync=False)
+        out = model(x, y)
+        out.loss.total.backward()
+        chunked = model(x, y, return_logits=False)  # chunked loss (CUDA's)
+        chunked.loss.total.backward()
+        counts = out.expert_counts + chunked.expert_counts  # the step's two passes
+        vios = model.update_balance_biases(counts, sync=False)
     assert mode.calls == [] and all(isinstance(v, torch.Tensor) for v in vios)
     with host_syncs() as mode:
-        model.update_balance_biases()  # the default returns floats: it must sync
-    assert "cpu" in mode.calls  # the detector does see a sync
+        model.update_balance_biases(counts)  # the default returns floats: it must sync
+    assert "item" in mode.calls  # the detector does see a sync
 
 
 @pytest.mark.slow

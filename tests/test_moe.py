@@ -64,7 +64,7 @@ def test_dispatch_matches_a_token_by_token_reference():
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 24, args.dim)
-    out = moe(x)
+    out, stats = moe(x)
     flat = x.reshape(-1, args.dim)
     gates, indices, _ = moe.gate(flat)
     ref = torch.stack([
@@ -72,6 +72,9 @@ def test_dispatch_matches_a_token_by_token_reference():
                                       for g, e in zip(gs, es))
         for tok, gs, es in zip(flat, gates, indices)])
     torch.testing.assert_close(out.reshape(-1, args.dim), ref, atol=1e-5, rtol=1e-5)
+    # the counts it returns are the router's choices, K per token
+    assert stats.counts.dtype == torch.long and stats.counts.sum() == flat.shape[0] * moe.top_k
+    assert torch.equal(stats.counts, torch.bincount(indices.flatten(), minlength=moe.n_routed_experts))
 
 
 def test_balancing_bias_is_a_buffer_that_gets_no_gradient():
@@ -103,8 +106,8 @@ def test_bias_updates_reduce_max_violation_only_when_gamma_is_positive(gamma):
     history = []
     with torch.no_grad():
         for _ in range(300):
-            moe(x)
-            history.append(moe.gate.balancer.update(gamma))
+            _, stats = moe(x)
+            history.append(moe.gate.balancer.update(stats.counts, gamma))
     assert history[0] > 1.5  # strongly skewed to start with
     if gamma > 0:
         assert max(history[-20:]) < 0.5 * history[0]
@@ -147,15 +150,35 @@ def test_sequence_balance_loss_gradient_has_its_closed_form():
 
 def test_bias_update_is_exactly_plus_or_minus_gamma_and_leaves_ties_alone():
     balancer = BiasBalancer(4)
-    balancer.record(torch.tensor([5, 3, 4, 4]))  # mean 4: over, under, at, at
-    vio = balancer.update(1e-3)
+    vio = balancer.update(torch.tensor([5, 3, 4, 4]), 1e-3)  # mean 4: over, under, at, at
     step = torch.tensor([-1e-3, 1e-3, 0.0, 0.0])  # fp32, like the bias
     assert torch.equal(balancer.bias, step)
     assert vio == pytest.approx(0.25)  # (5 − 4) / 4
-    assert balancer.counts.sum() == 0 and balancer.last_counts.tolist() == [5, 3, 4, 4]
-    balancer.record(torch.tensor([2, 2, 2, 2]))  # perfect balance: nothing moves
-    balancer.update(1e-3)
+    balancer.update(torch.tensor([2, 2, 2, 2]), 1e-3)  # perfect balance: nothing moves
     assert torch.equal(balancer.bias, step)
+    vio = balancer.update(torch.tensor([6.0, 2.0, 2.0, 2.0]), 0.0)  # γ = 0 only measures
+    assert torch.equal(balancer.bias, step) and vio == pytest.approx(1.0)
+    # the balancer keeps no state besides the bias
+    assert [n for n, _ in balancer.named_buffers()] == ["bias"]
+
+
+@pytest.mark.parametrize("counts", [torch.tensor([1, 2, 3]), [5, 3, 4, 4],
+                                    torch.ones(2, 4)])
+def test_bias_update_refuses_counts_of_the_wrong_shape(counts):
+    with pytest.raises(ValueError, match=r"counts has .*must be a \(4,\) tensor"):
+        BiasBalancer(4).update(counts, 1e-3)
+
+
+def test_moe_layer_keeps_no_record_of_a_forward():
+    moe = MoE(ModelArgs.tiny()).train()
+    before = {n: t.clone() for n, t in moe.state_dict().items()}
+    attributes = set(vars(moe)) | {k for m in moe.modules() for k in vars(m)}
+    _, stats = moe(torch.randn(2, 8, moe.gate.weight.shape[1]))
+    assert stats.balance_loss is not None and stats.balance_loss.requires_grad
+    after = set(vars(moe)) | {k for m in moe.modules() for k in vars(m)}
+    assert after == attributes  # nothing new set during forward
+    assert all(torch.equal(before[n], t) for n, t in moe.state_dict().items())
+    assert moe.eval()(torch.randn(2, 8, moe.gate.weight.shape[1]))[1].balance_loss is None
 
 
 def test_router_logits_and_sigmoid_stay_fp32_under_bf16_autocast():
@@ -179,11 +202,11 @@ def test_balancing_bias_and_counts_stay_fp32_after_model_to_bf16():
     balancer.bias.copy_(bias)
     model.to(torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16  # the rest did convert
-    assert balancer.bias.dtype == balancer.counts.dtype == torch.float32
+    assert balancer.bias.dtype == torch.float32
     assert torch.equal(balancer.bias, bias)  # values kept exactly, not rounded through bf16
     tokens = torch.randint(0, 256, (2, 9))
-    model(tokens[:, :-1], tokens[:, 1:])
-    model.update_balance_biases(1e-3)  # a bf16 bias at 1.001 could not move by 1e-3
+    counts = model(tokens[:, :-1], tokens[:, 1:]).expert_counts
+    model.update_balance_biases(counts, 1e-3)  # a bf16 bias at 1.001 could not move by 1e-3
     moved = (balancer.bias - bias).abs()
     assert torch.allclose(moved[moved > 0], torch.tensor(1e-3), atol=1e-6)
     assert (moved > 0).sum() >= 4
@@ -206,7 +229,8 @@ def test_grouped_experts_match_the_loop_forward_and_backward():
     loop.load_state_dict(grouped.state_dict())
     x = torch.randn(3, 5, 64)
     xg, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yg, yl = grouped(xg), loop(xl)
+    (yg, sg), (yl, sl) = grouped(xg), loop(xl)
+    assert torch.equal(sg.counts, sl.counts)
     assert torch.allclose(yg, yl, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(yg)
     (yg * g).sum().backward()
@@ -222,8 +246,9 @@ def test_grouped_experts_with_an_expert_that_gets_no_token():
     loop.load_state_dict(grouped.state_dict())
     grouped.gate.balancer.bias[0] = loop.gate.balancer.bias[0] = -100.0  # never chosen
     x = torch.randn(2, 4, 64)
-    assert torch.allclose(grouped(x), loop(x), atol=1e-5, rtol=1e-5)
-    assert grouped.gate.balancer.counts[0] == 0
+    (yg, stats), (yl, _) = grouped(x), loop(x)
+    assert torch.allclose(yg, yl, atol=1e-5, rtol=1e-5)
+    assert stats.counts[0] == 0 and stats.counts.sum() == 2 * 4 * 2
 
 
 def test_grouped_forward_reads_nothing_back_to_the_host(host_syncs):

@@ -17,8 +17,17 @@ Modules, one idea each:
 - :mod:`~dsv3lite.fp8.ops`: the one dispatch (Triton on sm_89+ GPUs, else reference)
   behind the official names ``act_quant``, ``weight_quant``, ``weight_dequant``,
   ``fp8_gemm``;
-- :mod:`~dsv3lite.fp8.linear`: :class:`FP8Linear` (Fprop, Dgrad, Wgrad in FP8) and
-  :func:`convert_to_fp8`, which ``ModelArgs(fp8=True)`` applies to a Transformer.
+- :mod:`~dsv3lite.fp8.linear`: :class:`FP8Linear` (Fprop, Dgrad, Wgrad in FP8), the
+  class a model layer builds its projections with when ``ModelArgs(fp8=True)``;
+- :mod:`~dsv3lite.fp8.grouped`: the same three GEMMs for all routed experts of an MoE
+  layer at once, built from :mod:`~dsv3lite.fp8.segments` (128-aligned segments of
+  tokens), :mod:`~dsv3lite.fp8.grouped_reference` (plain PyTorch, one expert at a time)
+  and :mod:`~dsv3lite.fp8.grouped_kernels` (one Triton launch for all experts);
+- :mod:`~dsv3lite.fp8.accumulation`: emulations of limited-precision accumulation, to
+  measure why the GEMMs promote to fp32 every 128 elements (chapter 5).
+
+This package imports nothing from the model: it is a library beneath it. Converting an
+existing model is :func:`dsv3lite.model.convert_to_fp8`, which knows the model's layers.
 
 Usage::
 
@@ -30,10 +39,10 @@ Usage::
 
 from .e4m3 import E4M3_DTYPE, E4M3_MAX, e4m3_spacing
 from .grouped import grouped_fp8_experts
-from .linear import FP8Linear, convert_to_fp8, fp8_linear, fp8_weight_cache
+from .linear import FP8Linear, fp8_linear, fp8_weight_cache, linear_class
 from .ops import act_quant, act_quant_both, fp8_gemm, use_triton, weight_dequant, weight_quant
 from .reference import BLOCK_SIZE
 
 __all__ = ["E4M3_DTYPE", "E4M3_MAX", "BLOCK_SIZE", "e4m3_spacing", "act_quant", "weight_quant",
            "weight_dequant", "fp8_gemm", "use_triton", "FP8Linear", "fp8_linear",
-           "convert_to_fp8", "act_quant_both", "fp8_weight_cache", "grouped_fp8_experts"]
+           "linear_class", "act_quant_both", "fp8_weight_cache", "grouped_fp8_experts"]

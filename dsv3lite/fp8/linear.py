@@ -28,16 +28,11 @@ more FP8 copy of x and its scales, where V3 builds the second tiling in the back
 What stays cached from the forward to the backward is one FP8 copy of x in both designs.
 Chapter 5 (section 3) measures both routes.
 
-:func:`convert_to_fp8` swaps the eligible Linears of a model for :class:`FP8Linear`.
-Following §3.3.1 it converts the Linear projections of attention (MLA: ``wq``/``wq_a``,
-``wq_b``, ``wkv_a``, ``wkv_b``, ``wo``) and of every SwiGLU FFN (dense FFNs, routed and
-shared experts: ``w1``, ``w2``, ``w3``). It leaves in higher precision the embedding, the
-output head, the router (``Gate``), the norms and the attention core (softmax(QK^T)V),
-as the paper does, and also the MTP projection ``eh_proj``: our call, since the paper
-does not list it among the FP8 GEMMs and it merges two separately normalised streams.
-Dimensions need not be multiples of 128: partial tiles are zero-padded inside the
-quantizers and the GEMM (:mod:`dsv3lite.fp8.reference`), so every eligible Linear
-converts. The absorbed MLA decode reads ``wkv_b.weight`` directly, in high precision.
+This module knows nothing of the model. The model picks its Linear class in one place,
+when its modules are built (:func:`linear_class`, from ``ModelArgs.fp8``), and
+:func:`dsv3lite.model.convert_to_fp8` converts a model built without FP8; both say
+which layers run in FP8 (§3.3.1). Dimensions need not be multiples of 128: partial tiles
+are zero-padded inside the quantizers and the GEMM (:mod:`dsv3lite.fp8.reference`).
 """
 
 from __future__ import annotations
@@ -49,12 +44,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..mla import MLA
-from ..moe import MLP
 from .ops import act_quant, act_quant_both, fp8_gemm, output_dtype, weight_quant
 
-__all__ = ["FP8Linear", "fp8_linear", "convert_to_fp8", "is_fp8_eligible", "fp8_weight_cache",
-           "quantized_weight"]
+__all__ = ["FP8Linear", "fp8_linear", "linear_class", "fp8_weight_cache", "quantized_weight"]
 
 _weight_cache: Optional[dict] = None  # id(weight) -> entry, while fp8_weight_cache is open
 _hook = None  # the optimizer-step hook that empties the cache, registered on first use
@@ -216,38 +208,7 @@ class FP8Linear(nn.Linear):
         return new
 
 
-def is_fp8_eligible(owner: nn.Module, linear: nn.Module) -> bool:
-    """Whether ``linear``, a direct child of ``owner``, runs in FP8 (§3.3.1).
-
-    True for plain ``nn.Linear`` children of MLA (attention projections) and of MLP
-    (dense FFNs, routed and shared experts). Everything else stays in high precision:
-    the embedding, output head, router, norms, attention core and MTP ``eh_proj``.
-    """
-    return isinstance(owner, (MLA, MLP)) and type(linear) is nn.Linear
-
-
-def convert_to_fp8(model: nn.Module) -> list[str]:
-    """Swap the eligible Linears of ``model`` for :class:`FP8Linear`, in place, and switch
-    the routed experts (:class:`~dsv3lite.moe.GroupedExperts`) to their FP8 path.
-
-    Args:
-        model: A :class:`~dsv3lite.Transformer` or any module containing MLA / MLP.
-
-    Returns:
-        Qualified names of the Linears converted by this call, a routed expert's as
-        ``...experts.{e}.w1`` (already converted ones are left alone, so calling twice
-        converts nothing more).
-    """
-    from ..moe import GroupedExperts
-
-    converted = []
-    for owner_name, owner in list(model.named_modules()):
-        if isinstance(owner, GroupedExperts) and not owner.fp8:
-            owner.fp8 = True  # grouped FP8 GEMMs on a GPU, else one expert at a time
-            converted += [f"{owner_name}.{e}.{w}" for e in range(owner.n_experts)
-                          for w in ("w1", "w2", "w3")]
-        for child_name, child in list(owner.named_children()):
-            if is_fp8_eligible(owner, child):
-                setattr(owner, child_name, FP8Linear.from_linear(child))
-                converted.append(f"{owner_name}.{child_name}" if owner_name else child_name)
-    return converted
+def linear_class(fp8: bool) -> type[nn.Linear]:
+    """The Linear a layer builds its projections with: :class:`FP8Linear` when ``fp8``,
+    else ``nn.Linear``. Both construct (and initialise) the same Parameters."""
+    return FP8Linear if fp8 else nn.Linear

@@ -14,7 +14,7 @@ one full forward pass, with gradient: that is the π_θ of the objective.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,8 @@ def sample(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, *,
 
 
 def sequence_logprobs(model: Transformer, tokens: torch.Tensor, prompt_len: int,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      temperature: float = 1.0, *, with_counts: bool = False
+                      ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """(N, T) log π(completion token | everything before it), from one forward pass.
 
     Args:
@@ -149,11 +150,18 @@ def sequence_logprobs(model: Transformer, tokens: torch.Tensor, prompt_len: int,
         tokens: (N, P + T) prompts and completions (a :class:`Rollout`'s ``tokens``).
         prompt_len: P.
         temperature: The sampling temperature (the policy is the tempered softmax).
+        with_counts: Also return the pass's expert counts
+            (:attr:`~dsv3lite.model.ModelOutput.expert_counts`), for the bias update.
+
+    Returns:
+        The (N, T) log-probabilities, or ``(logprobs, expert_counts)`` with ``with_counts``.
     """
     if not 1 <= prompt_len < tokens.shape[1]:
         raise ValueError(f"prompt_len={prompt_len} is invalid: tokens has "
                          f"{tokens.shape[1]} columns, so 1 <= prompt_len < {tokens.shape[1]}")
-    logits = model(tokens[:, :-1]).logits[:, prompt_len - 1:]             # (N, T, V)
+    out = model(tokens[:, :-1])
+    logits = out.logits[:, prompt_len - 1:]                                # (N, T, V)
     targets = tokens[:, prompt_len:]
-    return _log_probs(logits, temperature if temperature > 0 else 1.0) \
+    logprobs = _log_probs(logits, temperature if temperature > 0 else 1.0) \
         .gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logprobs, out.expert_counts) if with_counts else logprobs

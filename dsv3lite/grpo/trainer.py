@@ -196,12 +196,13 @@ def warmup(model: Transformer, task: AdditionTask, cfg: GRPOConfig, rng: random.
     accuracy, step = evaluate(model, task, cfg.eval_size), 0
     while step < cfg.warmup_steps and accuracy < cfg.warmup_target:
         tokens, targets = _sft_batch(task, cfg.warmup_batch_size, rng)
-        loss = model(tokens, targets).loss.total
+        out = model(tokens, targets)
+        loss = out.loss.total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_balance_biases()  # pre-training keeps its γ
+        model.update_balance_biases(out.expert_counts)  # pre-training keeps its γ
         step += 1
         if step % cfg.warmup_eval_interval == 0 or step == cfg.warmup_steps:
             accuracy = evaluate(model, task, cfg.eval_size)
@@ -300,13 +301,17 @@ def train_grpo(cfg: GRPOConfig, *, resume: bool = False, progress: bool = True) 
         mask = roll.mask
         ref = None
         with torch.no_grad():
-            old = sequence_logprobs(model, roll.tokens, roll.prompt_len, cfg.temperature)
+            # the policy's passes route tokens too: their counts give the step's MaxVio
+            old, counts = sequence_logprobs(model, roll.tokens, roll.prompt_len,
+                                            cfg.temperature, with_counts=True)
             if reference is not None:
                 ref = sequence_logprobs(reference, roll.tokens, roll.prompt_len,
                                         cfg.temperature)
         losses = []
         for _ in range(cfg.mu):
-            new = sequence_logprobs(model, roll.tokens, roll.prompt_len, cfg.temperature)
+            new, new_counts = sequence_logprobs(model, roll.tokens, roll.prompt_len,
+                                                cfg.temperature, with_counts=True)
+            counts = counts + new_counts
             loss = grpo_loss(new, old, advantages, mask, ref_logprobs=ref, beta=cfg.beta,
                              epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                              loss_type=cfg.loss_type,
@@ -317,7 +322,7 @@ def train_grpo(cfg: GRPOConfig, *, resume: bool = False, progress: bool = True) 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        max_vio = model.update_balance_biases(gamma=0.0)  # bias frozen during RL
+        max_vio = model.update_balance_biases(counts, gamma=0.0)  # bias frozen during RL
         spread = scored.view(-1, G).std(dim=1)
         record = {"phase": "grpo", "step": step + 1, "reward": float(rewards.mean()),
                   "accuracy": float(acc.mean()), "format": float(fmt.mean()),

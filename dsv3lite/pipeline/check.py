@@ -76,16 +76,16 @@ def reference_step(model: Transformer, microbatches, *, gamma: Optional[float] =
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        losses = []
+        losses, step_counts = [], 0
         for tokens, targets in microbatches:
-            loss = model(tokens, targets).loss
-            loss.total.backward()
-            losses.append({k: v.detach() for k, v in vars(loss).items()})
+            out = model(tokens, targets)
+            out.loss.total.backward()
+            losses.append({k: v.detach() for k, v in vars(out.loss).items()})
+            step_counts = step_counts + out.expert_counts
     finally:
         torch.set_num_threads(threads)
-    counts = {n: m.gate.balancer.counts.clone() for n, m in model.named_modules()
-              if isinstance(m, MoE)}
-    model.update_balance_biases(gamma)
+    counts = dict(zip([n for n, m in model.named_modules() if isinstance(m, MoE)], step_counts))
+    model.update_balance_biases(step_counts, gamma)
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
              for n, p in model.named_parameters()}
     biases = {n: m.gate.balancer.bias.clone() for n, m in model.named_modules()

@@ -25,10 +25,11 @@ What makes it DeepSeek's and not a toy:
   last stage share rank 0, so the embedding and the output head, which the MTP module
   reuses, are one set of weights there ([V3] §3.2.3). In 1F1B they sit on the first and
   the last rank, and their gradients are summed across ranks, as any tied embedding is.
-- **The balance state.** Each MoE layer counts its tokens on whichever rank runs it;
-  after the step the counts are summed over ranks (all-reduce) before the bias update,
-  so every copy of the bias moves exactly as in one process. The sequence-wise balance
-  losses of the MoE layers travel down the pipeline beside the hidden state.
+- **The balance state.** The routing stats of the MoE layers (sequence-wise balance
+  losses and expert counts) travel down the pipeline beside the hidden state, as
+  values; the last stage returns every layer's counts with the loss. After the step the
+  counts are summed over micro-batches and ranks (all-reduce) before the bias update,
+  so every copy of the bias moves exactly as in one process.
 - **DualPipe's two copies.** Each DualPipe rank holds two stages, each stage lives on
   two ranks, and the gradients of the two copies are summed (all-reduce) after the step.
 
@@ -52,6 +53,7 @@ import torch.distributed as dist
 from ..model import Transformer
 from ..moe import MoE
 from .schedules import Op, Schedule
+from .simulate import Event, Timeline
 from .stages import WEIGHT_GRADS, PipelineStage, build_stages, make_weight_grads_deferrable, \
     split_layers
 
@@ -128,8 +130,6 @@ class PipelineResult:
         Raises:
             ValueError: if the recorded parts are not the schedule's.
         """
-        from .simulate import Event, Timeline
-
         for rank in range(self.schedule.n_ranks):
             if self.trace_keys()[rank] != self.schedule.part_keys(rank):
                 raise ValueError(f"rank {rank} ran other work than its schedule: no timeline")
@@ -174,6 +174,7 @@ class _Worker:
         self.outputs: dict = {}   # (batch, stage) -> output tensors
         self.handed: dict = {}    # (batch, stage, grad) -> (header, tensors), same rank
         self.losses: dict = {}    # batch -> LossBreakdown
+        self.counts: Optional[torch.Tensor] = None  # expert counts of the last stage's batches
         self.sends: list = []
         self.trace: list[Executed] = []
 
@@ -227,7 +228,10 @@ class _Worker:
         outputs = stage(*inputs)
         if stage.is_last:
             tokens, targets = self.microbatches[b]
-            self.losses[b] = stage.criterion(outputs, tokens, targets)
+            out = stage.criterion(outputs, tokens, targets)
+            self.losses[b] = out.loss
+            self.counts = (out.expert_counts if self.counts is None
+                           else self.counts + out.expert_counts)
         if torch.is_grad_enabled():  # kept for the backward
             self.inputs[(b, s)] = inputs
             if not stage.is_last:
@@ -320,14 +324,11 @@ def _worker_main(rank: int, world: int, workdir: str, timeout_s: float) -> None:
                 raise RuntimeError(f"injected fault at op {i} ({op})")
             worker.run(i, op)
         worker.finish()
-        trace, losses = worker.trace, worker.losses
+        trace, losses, step_counts = worker.trace, worker.losses, worker.counts
         # The forward-only step ([DP] examples' inference check), before the bias
-        # update, so it sees the weights and biases the training step saw; the expert
-        # counts it adds are put back.
+        # update, so it sees the weights and biases the training step saw.
         fwd_losses, fwd_trace = None, []
         if plan.get("forward_only"):
-            moes = model.moe_layers()
-            counts_before = [m.gate.balancer.counts.clone() for m in moes]
             dist.barrier()
             worker.reset(step=1)
             worker.skip_at = None
@@ -336,20 +337,20 @@ def _worker_main(rank: int, world: int, workdir: str, timeout_s: float) -> None:
                     worker.run(i, op, forward_only=True)
             worker.finish()
             fwd_losses, fwd_trace = worker.losses, worker.trace
-            for m, c in zip(moes, counts_before):
-                m.gate.balancer.counts.copy_(c)
         # Sum what lives on several ranks: gradients (DualPipe's two copies, the tied
-        # embedding) and the expert counts, then update the biases everywhere alike.
+        # embedding) and the expert counts (on the ranks that hold the last stage), then
+        # update the biases everywhere alike.
         grads = {}
         for name, p in model.named_parameters():
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(g)
             grads[name] = g
-        for moe in model.moe_layers():
-            dist.all_reduce(moe.gate.balancer.counts)
-        counts = {n: m.gate.balancer.counts.clone() for n, m in model.named_modules()
-                  if isinstance(m, MoE)}
-        model.update_balance_biases(plan.get("gamma"))
+        moe_names = [n for n, m in model.named_modules() if isinstance(m, MoE)]
+        step_counts = (step_counts.clone() if step_counts is not None else
+                       torch.zeros(len(moe_names), model.args.n_routed_experts, dtype=torch.long))
+        dist.all_reduce(step_counts)
+        counts = dict(zip(moe_names, step_counts))
+        model.update_balance_biases(step_counts, plan.get("gamma"))
         biases = {n: m.gate.balancer.bias.clone() for n, m in model.named_modules()
                   if isinstance(m, MoE)}
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import LossBreakdown, Transformer
-from ..moe import MoE
+from ..model import ModelOutput, Transformer
+from ..moe import MoE, RoutingStats
 from .schedules import Schedule
 
 __all__ = ["WEIGHT_GRADS", "WeightGradStore", "make_weight_grads_deferrable", "split_layers",
@@ -135,9 +135,12 @@ class PipelineStage(nn.Module):
     It holds references to the model's own modules (no copy), so two stages on one rank
     share the embedding and the head when both need them. Input: the token ids (first
     stage) or the carried tensors; output: the carried tensors, ``(h,)`` or
-    ``(h, balance)`` where ``balance`` holds the sequence-wise balance loss of each main
-    MoE layer so far (zeros for layers not reached yet). The last stage's
-    :meth:`criterion` turns them into the loss parts.
+    ``(h, balance, counts)``: the routing stats of the main MoE layers travel down the
+    pipeline as values beside the hidden state. ``balance`` (n_moe,) holds the
+    sequence-wise balance loss of each main MoE layer so far, ``counts`` (n_moe,
+    n_routed_experts) its expert counts (as floats, without gradient); rows of layers
+    not reached yet are zero. The last stage's :meth:`criterion` turns them into the
+    loss parts and the expert counts of the whole model.
     """
 
     def __init__(self, model: Transformer, index: int, n_stages: int):
@@ -161,8 +164,10 @@ class PipelineStage(nn.Module):
 
     def carried_shapes(self, batch: int, seq_len: int) -> list[tuple[int, ...]]:
         """Shapes of the tensors this stage sends on (and receives gradients for)."""
-        shapes = [(batch, seq_len, self.model_ref[0].args.dim)]
-        return shapes + [(self.n_moe,)] if self.n_moe else shapes
+        args = self.model_ref[0].args
+        shapes = [(batch, seq_len, args.dim)]
+        return shapes + [(self.n_moe,), (self.n_moe, args.n_routed_experts)] if self.n_moe \
+            else shapes
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model_ref[0]
@@ -170,33 +175,45 @@ class PipelineStage(nn.Module):
             (tokens,) = inputs
             h = self.embed(tokens)
             balance = h.new_zeros(self.n_moe) if self.n_moe else None
+            counts = h.new_zeros(self.n_moe, model.args.n_routed_experts) if self.n_moe else None
         else:
-            h, balance = inputs[0], (inputs[1] if self.n_moe else None)
+            h = inputs[0]
+            balance, counts = (inputs[1], inputs[2]) if self.n_moe else (None, None)
         T = h.shape[1]
         cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-        for i, layer in zip(self.layer_ids, self.layers):
-            h = layer(h, cos, sin)
-        if self.moe_slots and model.training:
-            slots = list(balance.unbind())
-            for slot, moe in self.moe_slots:
-                slots[slot], moe.balance_loss = moe.balance_loss, None
-            balance = torch.stack(slots)
-        return (h,) if balance is None else (h, balance)
+        routing = []
+        for layer in self.layers:
+            h, stats = layer(h, cos, sin)
+            if stats is not None:
+                routing.append(stats)
+        if self.moe_slots:  # this stage's MoE layers fill their slots
+            counts_rows = list(counts.unbind())
+            balance_slots = list(balance.unbind())
+            for (slot, _), stats in zip(self.moe_slots, routing):
+                counts_rows[slot] = stats.counts.to(counts.dtype)
+                if stats.balance_loss is not None:
+                    balance_slots[slot] = stats.balance_loss
+            counts = torch.stack(counts_rows).detach()  # counts never need a gradient
+            if model.training:
+                balance = torch.stack(balance_slots)
+        return (h,) if balance is None else (h, balance, counts)
 
     def criterion(self, outputs: tuple[torch.Tensor, ...], tokens: torch.Tensor,
-                  targets: torch.Tensor) -> LossBreakdown:
-        """The last stage's loss: head, MTP and balance, as ``Transformer.forward``."""
+                  targets: torch.Tensor) -> ModelOutput:
+        """The last stage's loss and expert counts, as ``Transformer.forward`` returns
+        them (``.loss`` the loss parts, ``.expert_counts`` every MoE layer's, MTP too)."""
         if not self.is_last:
             raise RuntimeError(f"stage {self.index} is not the last stage: it has no loss")
         model = self.model_ref[0]
         h = outputs[0]
-        if self.n_moe and model.training:
-            main_moes = [model.layers[i].ffn for i in range(model.args.n_layers)
-                         if isinstance(model.layers[i].ffn, MoE)]
-            for moe, loss in zip(main_moes, outputs[1].unbind()):
-                moe.balance_loss = loss
+        routing = []
+        if self.n_moe:
+            balances = outputs[1].unbind() if model.training else [None] * self.n_moe
+            routing = [RoutingStats(c.long(), b) for c, b in zip(outputs[2].unbind(), balances)]
         logits = self.head(self.norm(h))
-        return model.loss_parts(tokens, targets, logits, h)
+        loss, routing = model.loss_parts(tokens, targets, logits, h, routing)
+        return ModelOutput(logits=logits, loss=loss, hidden=h,
+                           expert_counts=model.stack_counts(routing))
 
 
 def build_stages(model: Transformer, schedule: Schedule, rank: int) -> dict[int, PipelineStage]:

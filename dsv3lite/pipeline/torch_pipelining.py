@@ -99,7 +99,7 @@ def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
                   for s in held]
 
         def loss_fn(outputs, packed: torch.Tensor) -> torch.Tensor:
-            return ours[n_stages - 1].criterion(outputs, packed[:, 0], packed[:, 1]).total
+            return ours[n_stages - 1].criterion(outputs, packed[:, 0], packed[:, 1]).loss.total
 
         if name == "dualpipev":
             schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn,
