@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from .check import check_args, make_microbatches, make_model
-from .executor import run_ranks
+from .processes import run_ranks
 from .stages import PipelineStage
 from .schedules import build_schedule
 
