@@ -19,6 +19,9 @@ Modules, one idea each:
   ``fp8_gemm``;
 - :mod:`~dsv3lite.fp8.linear`: :class:`FP8Linear` (Fprop, Dgrad, Wgrad in FP8), the
   class a model layer builds its projections with when ``ModelArgs(fp8=True)``;
+- :mod:`~dsv3lite.fp8.backends`: which GEMM an FP8Linear runs on a GPU ("triton", the
+  default; "hopper", :mod:`~dsv3lite.fp8.hopper_gemm`'s TMA kernel; "scaled_mm",
+  torch's blockwise cuBLASLt GEMM), chosen per layer or with :func:`fp8_backend`;
 - :mod:`~dsv3lite.fp8.grouped`: the same three GEMMs for all routed experts of an MoE
   layer at once, built from :mod:`~dsv3lite.fp8.segments` (128-aligned segments of
   tokens), :mod:`~dsv3lite.fp8.grouped_reference` (plain PyTorch, one expert at a time)
@@ -37,6 +40,7 @@ Usage::
     y = fp8_gemm(x_q, x_s, w_q, w_s, torch.bfloat16)   # ≈ x @ w.T
 """
 
+from .backends import BACKENDS, fp8_backend
 from .e4m3 import E4M3_DTYPE, E4M3_MAX, e4m3_spacing
 from .grouped import grouped_fp8_experts
 from .linear import FP8Linear, fp8_linear, fp8_weight_cache, linear_class
@@ -45,4 +49,5 @@ from .reference import BLOCK_SIZE
 
 __all__ = ["E4M3_DTYPE", "E4M3_MAX", "BLOCK_SIZE", "e4m3_spacing", "act_quant", "weight_quant",
            "weight_dequant", "fp8_gemm", "use_triton", "FP8Linear", "fp8_linear",
-           "linear_class", "act_quant_both", "fp8_weight_cache", "grouped_fp8_experts"]
+           "linear_class", "act_quant_both", "fp8_weight_cache", "grouped_fp8_experts", "BACKENDS",
+           "fp8_backend"]

@@ -33,6 +33,10 @@ when its modules are built (:func:`linear_class`, from ``ModelArgs.fp8``), and
 :func:`dsv3lite.model.convert_to_fp8` converts a model built without FP8; both say
 which layers run in FP8 (§3.3.1). Dimensions need not be multiples of 128: partial tiles
 are zero-padded inside the quantizers and the GEMM (:mod:`dsv3lite.fp8.reference`).
+
+Which GEMM runs on a GPU is each FP8Linear's ``backend`` ("triton", "hopper",
+"scaled_mm"; :mod:`dsv3lite.fp8.backends`), fixed when it is built; on the CPU all
+three run the reference.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .ops import act_quant, act_quant_both, fp8_gemm, output_dtype, weight_quant
+from .backends import DEFAULT_BACKEND, block_scaled_gemm, check_backend, default_backend
+from .ops import act_quant, act_quant_both, output_dtype, weight_quant
 
 __all__ = ["FP8Linear", "fp8_linear", "linear_class", "fp8_weight_cache", "quantized_weight"]
 
@@ -117,11 +122,11 @@ def _transposed_blocks(weight: torch.Tensor, w_q: torch.Tensor,
 
 
 def _fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor,
-           bias: Optional[torch.Tensor], out_dtype: torch.dtype):
+           bias: Optional[torch.Tensor], out_dtype: torch.dtype, backend: str):
     """Fprop: (M, N) output from x's 1x128 tiles and W's 128x128 blocks, plus the
     blocks (Dgrad transposes them)."""
     w_q, w_s = quantized_weight(weight)
-    y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype)
+    y = block_scaled_gemm(x_q, x_s, w_q, w_s, out_dtype, backend)
     if bias is not None:
         y = y + bias.to(out_dtype)
     return y, w_q, w_s
@@ -131,18 +136,19 @@ class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T (+ b) with the three GEMMs in FP8; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                backend: str) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K) tokens x in_features
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if needs_dw:  # 1x128 tiles for Fprop and 128x1 tiles for Wgrad, one read of x
             x_q, x_s, xt_q, xt_s = act_quant_both(x2)
         else:
             (x_q, x_s), xt_q, xt_s = act_quant(x2), None, None
-        y, w_q, w_s = _fprop(x_q, x_s, weight, bias, output_dtype(x))
+        y, w_q, w_s = _fprop(x_q, x_s, weight, bias, output_dtype(x), backend)
         ctx.save_for_backward(xt_q, xt_s, w_q if needs_dx else None, w_s if needs_dx else None)
         ctx.weight = weight if needs_dx else None  # to find Wᵀ's blocks in the cache
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
+        ctx.backend = backend
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -159,30 +165,35 @@ class _FP8LinearFunction(torch.autograd.Function):
             dyt_q, dyt_s = act_quant(dy, transpose=True)
         if needs_dx:
             wt_q, wt_s = _transposed_blocks(ctx.weight, w_q, w_s)  # Wᵀ: (K, N) blocks
-            dx = fp8_gemm(dy_q, dy_s, wt_q, wt_s, ctx.x_dtype).view(ctx.x_shape)  # Dgrad
+            dx = block_scaled_gemm(dy_q, dy_s, wt_q, wt_s, ctx.x_dtype,
+                                   ctx.backend).view(ctx.x_shape)  # Dgrad
         if needs_dw:
-            dw = fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32)  # Wgrad (N, K), fp32
+            dw = block_scaled_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32,
+                                   ctx.backend)  # Wgrad (N, K), fp32
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0)
-        return dx, dw, db
+        return dx, dw, db, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               backend: str = DEFAULT_BACKEND) -> torch.Tensor:
     """``F.linear`` with FP8 Fprop, Dgrad and Wgrad.
 
     Args:
         x: (..., in_features) input.
         weight: (out_features, in_features) high-precision (master) weight.
         bias: Optional (out_features,) bias, added in high precision.
+        backend: The GEMM on CUDA: "triton", "hopper" or "scaled_mm"
+            (:mod:`dsv3lite.fp8.backends`); the CPU runs the reference for all three.
 
     Returns:
         (..., out_features) in the autocast dtype if autocast is on, else x's dtype.
     """
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FP8LinearFunction.apply(x, weight, bias)
-    y, _, _ = _fprop(*act_quant(x.reshape(-1, x.shape[-1])), weight, bias, output_dtype(x))
+        return _FP8LinearFunction.apply(x, weight, bias, backend)
+    y, _, _ = _fprop(*act_quant(x.reshape(-1, x.shape[-1])), weight, bias, output_dtype(x),
+                     backend)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -191,18 +202,33 @@ class FP8Linear(nn.Linear):
 
     Same ``weight`` (and ``bias``) Parameters, so state-dict keys, checkpoints, parameter
     counts and optimizers see no difference; only the arithmetic changes.
+
+    Args:
+        in_features, out_features, bias, device, dtype: As for ``nn.Linear``.
+        backend: The GEMM it runs on CUDA ("triton", "hopper", "scaled_mm"); None takes
+            :func:`~dsv3lite.fp8.backends.default_backend`, which ``with
+            fp8_backend(...)`` sets for a whole model. Checked here: a bad name raises
+            a ValueError now, not at the first forward.
     """
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None, backend: Optional[str] = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend = check_backend(default_backend() if backend is None else backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias)
+        return fp8_linear(x, self.weight, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: Optional[str] = None) -> "FP8Linear":
         """An FP8Linear that shares ``linear``'s Parameter objects (nothing is copied)."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear={type(linear).__name__} is invalid: must be an nn.Linear")
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  device="meta")
+                  device="meta", backend=backend)
         new.weight = linear.weight
         new.bias = linear.bias
         return new
