@@ -10,7 +10,9 @@ promoted to fp32 with the two scales, [V3] §3.3.2), on operands in 128-aligned 
 - ``_grouped_fp8_wgrad_kernel`` (Wgrad): grid (tiles, E), each program summing its
   expert's 128-token blocks, their bounds loaded from the segment ends on the device.
 
-Neither reads anything back to the host. Scales may have any strides; K-major activation
+Neither reads anything back to the host. Every offset that is an index times a stride
+is formed in int64 (indices cast before they are multiplied), so operands may pass 2^31
+elements. Scales may have any strides; K-major activation
 scales (:func:`~dsv3lite.fp8.segments.k_major`) are one contiguous load per K step.
 
 **Bucketed autotune keys.** The token count changes at every step in an MoE layer.
@@ -43,6 +45,13 @@ _GROUPED_GEMM_KEY = ["M_BUCKET", "N", "K", "E"]
 """Autotuning key of the Fprop/Dgrad kernel: M (padded tokens) only bucketed."""
 _GROUPED_WGRAD_KEY = ["T_BUCKET", "N", "K", "E"]
 """Autotuning key of the Wgrad kernel: T (padded tokens, its inner dim) only bucketed."""
+GEMM_TILES = [(128, 128, 3, 8), (128, 128, 4, 8), (64, 128, 4, 4), (128, 64, 4, 4),
+              (64, 64, 4, 4), (32, 128, 4, 4)]
+"""(BLOCK_M, BLOCK_N, num_stages, num_warps) the Fprop/Dgrad autotuner may pick on CUDA.
+BLOCK_M must divide the 128-row segments: 32, 64 or 128."""
+WGRAD_TILES = [(128, 128, 3, 8), (128, 128, 4, 8), (64, 128, 4, 4), (128, 64, 4, 4),
+               (64, 64, 4, 4)]
+"""(BLOCK_N, BLOCK_K, num_stages, num_warps) the Wgrad autotuner may pick on CUDA."""
 
 
 # ----------------------------------------------------------------- Triton kernels
@@ -92,7 +101,9 @@ def _triton_kernels() -> SimpleNamespace:
         # Rows past M and columns past N wrap around (loads stay in bounds); never stored.
         offs_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
         offs_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        step_a = tl.full((), BLOCK_K, tl.int64) * stride_ak  # K step, in int64 too
+        step_b = tl.full((), BLOCK_K, tl.int64) * stride_bk
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
         b_ptrs = (b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
                   + offs_k[:, None] * stride_bk)  # (BK, BN)
@@ -103,11 +114,13 @@ def _triton_kernels() -> SimpleNamespace:
             in_k = offs_k < K - k * BLOCK_K  # the last K-block may be partial: zero-pad it
             a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
-            a_s = tl.load(a_s_ptrs + k * stride_ask)
-            b_s = tl.load(b_s_ptrs + k * stride_bsk)
+            a_s = tl.load(a_s_ptrs)
+            b_s = tl.load(b_s_ptrs)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # promote to fp32 every 128 K
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+            a_ptrs += step_a
+            b_ptrs += step_b
+            a_s_ptrs += stride_ask
+            b_s_ptrs += stride_bsk
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
@@ -135,13 +148,17 @@ def _triton_kernels() -> SimpleNamespace:
         offs_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
         offs_k = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
         offs_t = tl.arange(0, BLOCK_T)
+        dy_s_ptrs = dy_s_ptr + offs_n * stride_dysn + first.to(tl.int64) * stride_dyst
+        x_s_ptrs = x_s_ptr + offs_k * stride_xsk + first.to(tl.int64) * stride_xst
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for blk in range(first, last):  # BLOCK_T = 128 tokens: one scale per block
             tokens = (blk * BLOCK_T + offs_t).to(tl.int64)
             dy = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + tokens[None, :] * stride_dyt)
             x = tl.load(x_ptr + offs_k[None, :] * stride_xk + tokens[:, None] * stride_xt)
-            dy_s = tl.load(dy_s_ptr + offs_n * stride_dysn + blk * stride_dyst)  # (BN,)
-            x_s = tl.load(x_s_ptr + offs_k * stride_xsk + blk * stride_xst)  # (BK,)
+            dy_s = tl.load(dy_s_ptrs)  # (BN,) the scales of token block blk
+            x_s = tl.load(x_s_ptrs)  # (BK,)
+            dy_s_ptrs += stride_dyst
+            x_s_ptrs += stride_xst
             acc += tl.dot(dy, x) * dy_s[:, None] * x_s[None, :]  # fp32 promotion per block
         rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         cols = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
@@ -155,17 +172,12 @@ def _triton_kernels() -> SimpleNamespace:
             _grouped_fp8_wgrad_kernel=_grouped_fp8_wgrad_kernel,
             gemm=_grouped_fp8_gemm_kernel, gemm_fixed=dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8),
             wgrad=_grouped_fp8_wgrad_kernel, wgrad_fixed=dict(BLOCK_N=64, BLOCK_K=64))
-    # BLOCK_M must divide the 128-row segments: 32, 64 or 128.
     gemm_configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
                                   num_stages=stages, num_warps=warps)
-                    for bm, bn, stages, warps in [(128, 128, 3, 8), (128, 128, 4, 8),
-                                                  (64, 128, 4, 4), (128, 64, 4, 4),
-                                                  (64, 64, 4, 4), (32, 128, 4, 4)]]
+                    for bm, bn, stages, warps in GEMM_TILES]
     wgrad_configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_stages=stages,
                                    num_warps=warps)
-                     for bn, bk, stages, warps in [(128, 128, 3, 8), (128, 128, 4, 8),
-                                                   (64, 128, 4, 4), (128, 64, 4, 4),
-                                                   (64, 64, 4, 4)]]
+                     for bn, bk, stages, warps in WGRAD_TILES]
     return SimpleNamespace(
         _grouped_fp8_gemm_kernel=_grouped_fp8_gemm_kernel,
         _grouped_fp8_wgrad_kernel=_grouped_fp8_wgrad_kernel,

@@ -15,6 +15,21 @@ reference wherever the hardware rounds correctly:
 Partial tiles at the edges are masked with zeros, which is the reference's zero padding.
 Divisions use ``div_rn`` (IEEE round-to-nearest) so scales match the reference exactly.
 
+Two edges the reference sets and the kernels follow:
+
+- **NaN and ±Inf** go through as in PyTorch. ``tl.max``, ``tl.maximum`` and
+  ``tl.minimum`` compile to NaN-ignoring instructions by default (``max.f32`` returns the
+  other operand), which would give a tile holding a NaN a finite scale and finite
+  values; every max/min here asks for ``propagate_nan=tl.PropagateNan.ALL`` instead,
+  like ``torch.amax`` and ``torch.clamp``. So a tile with a NaN gets a NaN scale and
+  NaN values, and a tile with ±Inf (and no NaN) gets an infinite scale: its finite
+  elements quantize to ±0 and the ±Inf to NaN (∞/∞).
+- **int64 offsets.** A token matrix of 2^31 elements is only 16k tokens of
+  d_model 128k, or 256k tokens of 8192: every offset that is an index times a stride is
+  formed in int64 (indices are cast before they are multiplied), since Triton types the
+  program id, ``tl.arange`` and strides below 2^31 as int32, and their product would
+  wrap around.
+
 Importing this module imports Triton, which reads ``TRITON_INTERPRET`` at that moment:
 with ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through the interpreter
 (fixed tile sizes; autotuning runs only when compiling for CUDA).
@@ -43,13 +58,35 @@ _E4M3_MAX = tl.constexpr(E4M3_MAX)
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max(a, b) that returns NaN if either is NaN, as ``torch.amax`` does."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(x, axis: tl.constexpr):
+    """max |x| along ``axis``, NaN if any element is NaN (``tl.max`` would skip it)."""
+    return tl.reduce(tl.abs(x), axis, _max_nan)
+
+
+@triton.jit
 def _scale(amax, POW2_SCALES: tl.constexpr):
-    """s = max(amax, AMAX_FLOOR) / 448, optionally rounded up to a power of 2 (bit trick)."""
-    s = tl.math.div_rn(tl.maximum(amax, _AMAX_FLOOR), _E4M3_MAX)
+    """s = max(amax, AMAX_FLOOR) / 448, optionally rounded up to a power of 2 (bit trick).
+    A NaN amax gives a NaN scale (also rounded: see ``round_scale_to_power_of_2``)."""
+    s = tl.math.div_rn(tl.maximum(amax, _AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL),
+                       _E4M3_MAX)
     if POW2_SCALES:
         bits = s.to(tl.int32, bitcast=True)
-        s = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+        rounded = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+        s = tl.where(s != s, s, rounded)  # NaN stays NaN
     return s
+
+
+@triton.jit
+def _to_e4m3_range(q):
+    """q clamped to [-448, 448]; NaN stays NaN, as in ``torch.clamp``."""
+    return tl.minimum(tl.maximum(q, -_E4M3_MAX, propagate_nan=tl.PropagateNan.ALL),
+                      _E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -58,17 +95,17 @@ def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """BLOCK_R rows x one 1xBLOCK_C tile of the (R, C) view x; q is row-major, s any
     layout (the wrappers write it K-major: stride_sr = 1)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_c = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc,
                 mask=mask, other=0.0).to(tl.float32)
-    s = _scale(tl.max(tl.abs(x), axis=1), POW2_SCALES)  # (BLOCK_R,): one per tile
-    q = tl.math.div_rn(x, s[:, None])
-    q = tl.minimum(tl.maximum(q, -_E4M3_MAX), _E4M3_MAX)
+    s = _scale(_amax(x, 1), POW2_SCALES)  # (BLOCK_R,): one per tile
+    q = _to_e4m3_range(tl.math.div_rn(x, s[:, None]))
     tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q.to(q_ptr.dtype.element_ty),
              mask=mask)
-    tl.store(s_ptr + rows * stride_sr + tl.program_id(1) * stride_sc, s, mask=rows < R)
+    tl.store(s_ptr + rows * stride_sr + pid_c * stride_sc, s, mask=rows < R)
 
 
 @triton.jit
@@ -80,20 +117,19 @@ def _quant_both_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, str
     128x1 tiles (one per column): qt (K, M) = the transposed layout Wgrad reads, and st
     K-major (ceil(M/128), K).
     """
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    pid_m, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)  # int64, as every offset below
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                 mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    s = _scale(tl.max(ax, axis=1), POW2_SCALES)  # (BLOCK,) one per row
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -_E4M3_MAX), _E4M3_MAX)
+    s = _scale(_amax(x, 1), POW2_SCALES)  # (BLOCK,) one per row
+    q = _to_e4m3_range(tl.math.div_rn(x, s[:, None]))
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty),
              mask=mask)
     tl.store(s_ptr + pid_k * M + rows, s, mask=rows < M)
-    st = _scale(tl.max(ax, axis=0), POW2_SCALES)  # (BLOCK,) one per column
-    qt = tl.minimum(tl.maximum(tl.math.div_rn(x, st[None, :]), -_E4M3_MAX), _E4M3_MAX)
+    st = _scale(_amax(x, 0), POW2_SCALES)  # (BLOCK,) one per column
+    qt = _to_e4m3_range(tl.math.div_rn(x, st[None, :]))
     tl.store(qt_ptr + cols[None, :] * M + rows[:, None], qt.to(qt_ptr.dtype.element_ty),
              mask=mask)
     tl.store(st_ptr + pid_m * K + cols, st, mask=cols < K)
@@ -103,14 +139,14 @@ def _quant_both_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, str
 def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk,
                          POW2_SCALES: tl.constexpr, BLOCK: tl.constexpr):
     """One BLOCK x BLOCK block of w (N, K) -> E4M3 block and one scale."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)  # int64
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
-    s = _scale(tl.max(tl.abs(w)), POW2_SCALES)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -_E4M3_MAX), _E4M3_MAX)
+    s = _scale(tl.reduce(_amax(w, 1), 0, _max_nan), POW2_SCALES)
+    q = _to_e4m3_range(tl.math.div_rn(w, s))
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pid_n * tl.cdiv(K, BLOCK) + pid_k, s)
 
@@ -119,8 +155,8 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk,
 def _weight_dequant_kernel(q_ptr, s_ptr, y_ptr, N, K, stride_qn, stride_qk, stride_sn,
                            stride_sk, BLOCK: tl.constexpr):
     """y = q * s for one BLOCK x BLOCK block (the official ``weight_dequant``)."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)  # int64
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
     q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qk, mask=mask)
@@ -149,9 +185,13 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET, K
     pid_m = first_m + (pid % (GROUP_M * n_pid_n)) % group_m
     pid_n = (pid % (GROUP_M * n_pid_n)) // group_m
     # Rows past M and columns past N wrap around (loads stay in bounds); never stored.
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
+    # Offsets in int64 (an index times a stride may pass 2^31); the K step advances the
+    # pointers by BLOCK_K strides, also formed in int64.
+    offs_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    offs_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    step_a = tl.full((), BLOCK_K, tl.int64) * stride_ak
+    step_b = tl.full((), BLOCK_K, tl.int64) * stride_bk
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # (BK, BN)
     a_s_ptrs = a_s_ptr + offs_m * stride_asm
@@ -161,13 +201,15 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET, K
         in_k = offs_k < K - k * BLOCK_K  # the last K-block may be partial: zero-pad it
         a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
-        a_s = tl.load(a_s_ptrs + k * stride_ask)
-        b_s = tl.load(b_s_ptrs + k * stride_bsk)
+        a_s = tl.load(a_s_ptrs)
+        b_s = tl.load(b_s_ptrs)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # promote to fp32 every 128 K
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        a_ptrs += step_a
+        b_ptrs += step_b
+        a_s_ptrs += stride_ask
+        b_s_ptrs += stride_bsk
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 

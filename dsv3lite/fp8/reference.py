@@ -85,9 +85,16 @@ def round_scale_to_power_of_2(s: torch.Tensor) -> torch.Tensor:
     Exact bit arithmetic, no log2: adding 0x7FFFFF to the bits carries into the exponent
     unless the mantissa is already zero; clearing the mantissa then leaves 2^ceil(log2 s).
     The Triton kernels do the same, so both agree bit for bit.
+
+    A NaN scale (a tile holding a NaN) stays NaN. The bit trick alone would turn it
+    into 0 (0x7FC00000 + 0x7FFFFF carries out of the exponent), and a zero scale would
+    dequantize the tile's finite elements to 0: the NaN would survive only in its own
+    element, and a check of the scales for NaN would miss it. +Inf stays +Inf.
     """
-    bits = s.float().view(torch.int32)
-    return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    s = s.float()
+    bits = s.view(torch.int32)
+    rounded = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return torch.where(s.isnan(), s, rounded)
 
 
 def tile_scale(amax: torch.Tensor, scale_fmt: Optional[str] = None) -> torch.Tensor:
