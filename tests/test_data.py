@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,34 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
         read_documents("shakespeare", data_dir=tmp_path)
     with pytest.raises(ValueError, match="vocab_size=256"):
         prepare("stdlib", vocab_size=256, data_dir=tmp_path)
+
+
+def test_python_corpus_is_the_standard_library_and_the_installed_packages(tmp_path, monkeypatch):
+    import torch
+
+    from dsv3lite import data
+
+    roots = dict(data._python_roots())
+    assert set(roots) >= {"stdlib", "purelib"}
+    assert Path(torch.__file__).resolve().parents[1] == roots["purelib"].resolve()
+    # read through small stand-ins: labels prefix the names, nothing is read twice
+    std, site = tmp_path / "lib", tmp_path / "site"
+    for path, text in ((std / "os.py", "import sys\n"), (std / "site-packages" / "x.py", "x"),
+                       (site / "pkg" / "mod.py", "def f(): pass\n"), (site / "notes.txt", "no")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(data, "_python_roots", lambda: [("stdlib", std), ("purelib", site)])
+    docs = read_documents("python")
+    assert docs == [("purelib/pkg/mod.py", "def f(): pass\n"), ("stdlib/os.py", "import sys\n")]
+    prepared = prepare("python", vocab_size=300, data_dir=tmp_path / "data", verbose=False)
+    assert prepared.folder.name == "python-bpe300"
+    split = prepared.meta["documents"]
+    assert sorted(split["train"] + split["val"]) == [n for n, _ in docs] and split["val"]
+    # each document is encoded once, followed by one end-of-text token
+    tokenizer = prepared.tokenizer()
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    val = prepared.stream("val").tokens
+    assert list(val).count(eot) == len(split["val"]) and val[-1] == eot
 
 
 def test_shakespeare_has_42_works_of_about_5_million_characters():
