@@ -99,13 +99,13 @@ def block_scaled_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: 
 
     CPU tensors always take the reference, whatever the backend.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: must be one of {BACKENDS}")
     if backend == "triton" or not a.is_cuda:
         return fp8_gemm(a, a_s, b, b_s, out_dtype)
     if backend == "hopper":
         return torch.ops.dsv3lite.fp8_gemm_hopper(a, a_s, b, b_s, out_dtype)
-    if backend == "scaled_mm":
-        return torch.ops.dsv3lite.fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype)
-    raise ValueError(f"backend={backend!r} is invalid: must be one of {BACKENDS}")
+    return torch.ops.dsv3lite.fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype)
 
 
 def _require_hopper(a: torch.Tensor, backend: str) -> None:
