@@ -55,9 +55,12 @@ def _tiny_for_training(**overrides) -> ModelArgs:
 PRESETS = {"tiny": _tiny_for_training, "small": ModelArgs.small, "h100": ModelArgs.h100,
            "h100_1b": ModelArgs.h100_1b}
 
-# Dense bf16 peak FLOP/s, for MFU (datasheet numbers).
-_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
-              "L40S": 362e12, "4090": 165e12}
+# Dense (not 2:4 sparse) BF16 peak FLOP/s per GPU, for MFU: NVIDIA's datasheet numbers.
+# Matched against torch.cuda.get_device_name in this order, so the PCIe and NVL variants
+# (lower clocks and power) come before the SXM part of the same name.
+_BF16_PEAK = (("H100 PCIe", 756e12), ("H800 PCIe", 756e12), ("H100 NVL", 835e12),
+              ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+              ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12))
 
 
 @dataclass
@@ -184,23 +187,48 @@ def pick_device(requested: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _peak_flops(device: torch.device) -> Optional[float]:
+def _peak_flops(device: torch.device, name: Optional[str] = None) -> Optional[float]:
+    """Dense BF16 peak FLOP/s of a CUDA ``device`` (datasheet), or None.
+
+    None on a CPU and for a GPU not in the table: MFU is then not reported rather than
+    measured against a guess. ``name`` overrides the detected device name (for tests).
+    """
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _BF16_PEAK.items() if k in name), None)
+    name = name if name is not None else torch.cuda.get_device_name(device)
+    return next((v for k, v in _BF16_PEAK if k in name), None)
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+def flops_per_token(args: ModelArgs, seq_len: int, mtp: bool = False) -> float:
     """Training FLOPs per token: 6 × activated non-embedding parameters plus attention.
 
-    Attention scores and weighted sums cost (qk_head_dim + v_head_dim)·H·T per token per
-    layer forward with a causal mask (half of 2·(...)·T), times 3 for forward + backward.
+    A GEMM with N parameters costs 2N FLOPs per token forward and 4N backward (the
+    gradients of its input and of its weight), hence 6N; the output head counts, the
+    embedding lookup does not. Attention scores and weighted sums cost
+    (qk_head_dim + v_head_dim)·H·T per token per layer forward with a causal mask (half of
+    2·(...)·T), times 3 for forward + backward.
+
+    Args:
+        args: The model's hyperparameters.
+        seq_len: Tokens per sequence T (attention grows with it).
+        mtp: Also count the ``args.n_mtp_depth`` MTP modules ([V3] §2.2), which training
+            runs on every token: per depth its block's activated parameters, its
+            projection ``eh_proj`` and norms (``count_params(args).mtp``), a second pass
+            through the shared output head, and its block's attention. The default
+            (False) counts the main model only, as chapter 8 does before adding the MTP
+            part itself.
+
+    Returns:
+        FLOPs per training token (forward + backward).
     """
     count = count_params(args)
     n = count.activated - count.components["embedding"][1]
-    attn = 3 * args.n_layers * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
-    return 6 * n + attn
+    attn_layer = 3 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    total = 6 * n + args.n_layers * attn_layer
+    if mtp and args.n_mtp_depth:
+        head = count.components["output head"][1]
+        total += 6 * (count.mtp[1] + args.n_mtp_depth * head) + args.n_mtp_depth * attn_layer
+    return total
 
 
 @dataclass
@@ -311,7 +339,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     step_fn = torch.compile(model) if (cfg.compile and use_cuda) else model
     peak = _peak_flops(device)
-    fpt = flops_per_token(args, cfg.seq_len)
+    fpt = flops_per_token(args, cfg.seq_len, mtp=True)  # the MTP loss runs every step
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     metrics_file = out / "metrics.jsonl"
     if start == 0 and not resume:
