@@ -1,14 +1,18 @@
 """One table of the performance goals (../shared/spec/performance.md) from the results.
 
-    python benchmarks/summary.py            # newest GPU results in benchmarks/results/
+    python benchmarks/summary.py                    # newest GPU results in benchmarks/results/
+    python benchmarks/summary.py --results "$OUT"   # what a gpu-check run left there
 
-Reads the newest ``fp8-*.json`` and ``train-cuda-*.json`` and prints, for each goal K1-K6,
-M1 and M2, the measured ratio next to the target. Goals without a GPU result say
-"not measured"; nothing is estimated. ``make gpu-check`` ends with it.
+Reads the newest ``fp8-*.json`` and ``train-cuda-*.json``, or, where a GPU run of
+``benchmarks/gpu_check.py`` left ``gpu-check-fp8.json`` / ``gpu-check-train.json`` (not
+its ``--smoke`` run), their merged parts, and prints for each goal K1-K6, M1 and M2 the
+measured ratio next to the target. Goals without a GPU result say "not measured";
+nothing is estimated. ``benchmarks/gpu_check.py`` ends with the same table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,9 +21,21 @@ from typing import Optional
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def newest(pattern: str) -> Optional[dict]:
-    files = sorted(RESULTS.glob(pattern), key=lambda p: p.stat().st_mtime)
+def newest(pattern: str, results: Path = RESULTS) -> Optional[dict]:
+    files = sorted(results.glob(pattern), key=lambda p: p.stat().st_mtime)
     return json.loads(files[-1].read_text()) if files else None
+
+
+def load(results: Path = RESULTS) -> tuple[Optional[dict], Optional[dict]]:
+    """(fp8, train) results in ``results``: a GPU gpu-check run's merged parts first."""
+    found = []
+    for group, pattern in (("fp8", "fp8-*.json"), ("train", "train-cuda-*.json")):
+        check = newest(f"gpu-check-{group}.json", results)
+        if check and not check.get("smoke") and check.get("merged"):
+            found.append(check["merged"])
+        else:
+            found.append(newest(pattern, results))
+    return found[0], found[1]
 
 
 def _ratio(a, b) -> Optional[float]:
@@ -69,8 +85,11 @@ def goals(fp8: Optional[dict], train: Optional[dict]) -> list[tuple[str, str, Op
     return rows
 
 
-def main() -> int:
-    fp8, train = newest("fp8-*.json"), newest("train-cuda-*.json")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the JSON files")
+    ns = parser.parse_args(argv)
+    fp8, train = load(Path(ns.results))
     print("| goal | target | measured |")
     print("|---|---|---|")
     for goal, target, measured in goals(fp8, train):
