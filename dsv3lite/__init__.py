@@ -22,7 +22,7 @@ from .moe import BiasBalancer, MoE, RoutingStats, max_violation, sequence_balanc
 from .checkpoint import load_model, save_checkpoint
 from .plot import plot_run
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["ModelArgs", "Transformer", "ModelOutput", "LossBreakdown", "MLA", "LatentKVCache",
            "MoE", "BiasBalancer", "RoutingStats", "convert_to_fp8", "max_violation",

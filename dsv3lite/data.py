@@ -283,7 +283,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m dsv3lite.data``: fetch (Shakespeare) and prepare a corpus."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dsv3lite.data", description=main.__doc__)
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--data-dir", type=Path, default=None)
