@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: benchmarks/results/robustness-cpu-<date>.json, "
                         "with -chNN-NN for a subset of the chapters; '-' writes none)")
+    p.add_argument("--check-runs", action="store_true",
+                   help="exit 1 if any chapter did not run to the end (failed outcomes "
+                        "are reported, not fatal: for shortened runs)")
     p.add_argument("--notebooks", type=Path, default=NOTEBOOKS,
                    help="folder of the chapters (default: the book's notebooks/)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     held = sum(r["held"] for r in rows)
     failed = sum(r["runs"] - r["held"] for r in rows) + sum(bool(r["error"]) for r in runs)
     print(f"robustness: {held} passed, {failed} failed")
-    return 1 if (args.check and failed) else 0
+    did_not_run = sum(bool(r["error"]) for r in runs)
+    return 1 if (args.check and failed) or (args.check_runs and did_not_run) else 0
 
 
 if __name__ == "__main__":

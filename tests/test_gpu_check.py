@@ -161,3 +161,25 @@ def test_default_caps_fit_the_default_budget():
     """Every step but the optional extras fits even if each needs its whole cap."""
     assert sum(v for k, v in gpu_check.CAPS.items() if k != "extras") <= gpu_check.DEFAULT_BUDGET
     assert set(gpu_check.CAPS) == set(gpu_check.ORDER) == set(gpu_check.GROUP)
+
+
+def test_extras_executes_chapters_5_and_8_in_the_time_left(tmp_path):
+    """On a GPU machine with jupyter the extras step runs the two chapters, shortened by
+    their knobs, and takes whatever the budget has left; without jupyter, or in the
+    smoke run, it is skipped and says why."""
+    ns = type("NS", (), {"smoke": False, "steps": [], "caps": {}})()
+    extras = gpu_check.plan(ns, sys.executable, cuda=True)[-1]
+    assert extras.name == "extras" and extras.skip_reason is None and extras.fill
+    command = " ".join(extras.command)
+    assert "benchmarks/robustness.py --chapters 05,08" in command and "--check-runs" in command
+    assert "DSV3LITE_STEPS=300" in command and "DSV3LITE_BASE_STEPS=200" in command
+    no_jupyter = tmp_path / "python"  # an interpreter that cannot import jupytext
+    no_jupyter.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    no_jupyter.chmod(0o755)
+    skipped = gpu_check.plan(ns, str(no_jupyter), cuda=True)[-1]
+    assert "jupytext" in skipped.skip_reason and "cannot be executed" in skipped.skip_reason
+    ns.smoke = True
+    assert "smoke run" in gpu_check.plan(ns, sys.executable, cuda=False)[-1].skip_reason
+    runner = gpu_check.Runner(tmp_path / "out", budget=40, echo=False)
+    filled = runner.run(gpu_check.Step("extras", 10, [sys.executable, "-c", "pass"], fill=True))
+    assert filled["status"] == "ok" and 30 < filled["cap_s"] <= 35  # all that was left, less 5
