@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed-stamp
 # `make test SLOW=1` also runs tests marked slow.
 PYTEST_MARKS := $(if $(SLOW),,-m "not slow")
 
-.PHONY: install data book test gpu-check ipynb clean help
+.PHONY: install data book test gpu-check floor-test ipynb clean help
 
 help:
 	@echo "make book   install, execute the notebooks (cached if unchanged), render HTML into _build/html"
 	@echo "make test   install, run every test (unit tests, notebooks, strict book build)"
 	@echo "make data   fetch and tokenize the Shakespeare corpus once into data/"
 	@echo "make gpu-check  on a CUDA machine: GPU tests and the performance goals in one call (JSON in \$$OUT or benchmarks/results); SMOKE=1: the same on the CPU"
+	@echo "make floor-test  the unit tests against the oldest torch and transformers pyproject.toml allows (own venv, downloads; not part of make test)"
 	@echo "make ipynb  export notebooks/*.md to .ipynb (for Jupyter or Colab)"
 
 # pip's notices about absent local package mirrors are filtered out; its errors still fail.
@@ -67,6 +68,24 @@ GPU_PY := $(if $(GPU_PY_READY),PYTHONPATH=$(CURDIR) $(PYTHON),$(PY))
 gpu-check: $(if $(GPU_PY_READY),,install)
 	@echo "gpu-check: using $(GPU_PY)"
 	$(GPU_PY) benchmarks/gpu_check.py $(if $(SMOKE),--smoke) $(if $(OUT),--out "$(OUT)") $(GPU_CHECK_ARGS)
+
+# The floors pyproject.toml declares, tested: the unit tests (not the book) in a venv of
+# their own with the oldest torch and transformers the package says it supports, the
+# other packages at the pins. It downloads a second torch (a CUDA build from PyPI, about
+# 3 GB with its libraries), so it is not part of `make test`.
+TORCH_FLOOR := $(shell sed -n 's/^ *"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+TRANSFORMERS_FLOOR := $(shell sed -n 's/^hf = \["transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+FLOOR_VENV ?= .venv-floor
+FLOOR_SKIP := ^(torch|triton|transformers|jupyter-book|sphinx-mathjax-offline|playwright|jupytext|ipykernel)==
+floor-test: data
+	@test -n "$(TORCH_FLOOR)" -a -n "$(TRANSFORMERS_FLOOR)" || { echo "floor-test: floors not found in pyproject.toml"; exit 1; }
+	@test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	set -o pipefail; grep -vE '$(FLOOR_SKIP)' requirements.txt | grep -v '^#' > $(FLOOR_VENV)/requirements-floor.txt
+	set -o pipefail; $(FLOOR_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_FLOOR).*" \
+		"transformers==$(TRANSFORMERS_FLOOR).*" -r $(FLOOR_VENV)/requirements-floor.txt $(QUIET_PIP)
+	set -o pipefail; $(FLOOR_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
+	$(FLOOR_VENV)/bin/python -c "import torch, transformers, triton; print('floor-test: torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
+	$(FLOOR_VENV)/bin/python -m pytest -m "not slow" --ignore=tests/test_book.py -p no:cacheprovider -q
 
 ipynb: install
 	$(VENV)/bin/jupytext --to ipynb notebooks/*.md

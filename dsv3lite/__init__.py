@@ -14,6 +14,10 @@ train`` and ``from dsv3lite.generate import generate`` (also ``python -m dsv3lit
 and ``python -m dsv3lite.generate``).
 """
 
+from .versions import check_torch
+
+check_torch()  # before anything else uses torch: an old one fails here, with the fix
+
 from .accounting import ParamCount, count_params, kv_cache_elements_per_token
 from .config import ModelArgs
 from .mla import MLA, LatentKVCache

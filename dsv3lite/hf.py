@@ -90,11 +90,15 @@ import torch
 
 from .config import ModelArgs
 from .model import Transformer
+from .versions import TRANSFORMERS_FLOOR, check_transformers
 
 try:  # transformers is an optional dependency (``pip install dsv3lite[hf]``)
+    import transformers
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
-    raise ImportError("dsv3lite.hf needs transformers>=5 (pip install 'dsv3lite[hf]')") from exc
+    raise ImportError(f"dsv3lite.hf needs transformers>={TRANSFORMERS_FLOOR} "
+                      "(pip install 'dsv3lite[hf]')") from exc
+check_transformers(transformers.__version__)
 
 __all__ = ["to_hf_config", "from_hf_config", "to_hf", "from_hf", "FIELD_MAP"]
 

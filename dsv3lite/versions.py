@@ -1,0 +1,48 @@
+"""The oldest torch and transformers dsv3lite works with, checked once, at import.
+
+The floors are those of ``pyproject.toml`` (a test keeps the two equal) and of the
+features the package uses: ``torch._grouped_mm`` with a CPU kernel (torch 2.9; 2.8 has
+none, 2.7 no ``_grouped_mm`` at all), the FP8 dtypes and ``torch.compile``; and, for the
+optional HF bridge, transformers 5's ``DeepseekV3`` classes. ``make floor-test`` runs
+the unit tests against exactly these versions. An older install fails here, with the
+installed and the needed versions, instead of deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+__all__ = ["TORCH_FLOOR", "TRANSFORMERS_FLOOR", "parse_version", "check_torch",
+           "check_transformers"]
+
+TORCH_FLOOR = "2.9"
+TRANSFORMERS_FLOOR = "5.0"
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: ``"2.9.1+cpu"`` -> (2, 9, 1)."""
+    match = re.match(r"\d+(?:\.\d+)*", str(version))
+    if match is None:
+        raise ValueError(f"version={version!r} is invalid: expected one like '2.9.1'")
+    return tuple(int(part) for part in match.group(0).split("."))
+
+
+def _check(package: str, installed: str, floor: str, extra: str = "") -> None:
+    if parse_version(installed) < parse_version(floor):
+        raise ImportError(f"dsv3lite needs {package}>={floor}, but {package} {installed} is "
+                          f"installed: pip install -U '{package}>={floor}'{extra}")
+
+
+def check_torch(installed: Optional[str] = None) -> None:
+    """Raise ImportError if torch ``installed`` (default: the imported one) is older than
+    :data:`TORCH_FLOOR`."""
+    _check("torch", str(torch.__version__) if installed is None else installed, TORCH_FLOOR)
+
+
+def check_transformers(installed: str) -> None:
+    """Raise ImportError if transformers ``installed`` is older than
+    :data:`TRANSFORMERS_FLOOR` (the HF bridge, ``pip install 'dsv3lite[hf]'``)."""
+    _check("transformers", installed, TRANSFORMERS_FLOOR, " (the dsv3lite[hf] extra)")
