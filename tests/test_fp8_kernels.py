@@ -60,10 +60,29 @@ def _wide_range(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=g) * scale
 
 
+def _with_specials(x: torch.Tensor) -> torch.Tensor:
+    """x with NaN, +Inf and -Inf in a few tiles: alone, together, and a whole NaN row."""
+    x = x.clone()
+    nan, inf = float("nan"), float("inf")
+    x[0, 3] = nan  # a NaN among finite values
+    x[1, 130] = inf  # +Inf alone
+    x[2, 5] = -inf  # -Inf alone
+    x[3, 7], x[3, 9] = inf, nan  # NaN and Inf: NaN wins
+    x[4, 131], x[4, 133] = inf, -inf  # both infinities
+    x[130, :] = nan  # every element NaN (whole 1x128 tiles, one row of 128x1 / 128x128)
+    return x
+
+
+SPECIAL_NAMES = ("special", "special_bf16", "special_w")
+
+
 def _make_inputs() -> dict:
     """Inputs of every case, in fp32 and (for activations) bf16, and reference operands."""
     inputs = {"x": _wide_range(300, 200, seed=1), "x_bf16": _wide_range(130, 384, 2).bfloat16(),
               "w": _wide_range(300, 260, seed=3)}
+    inputs["special"] = _with_specials(_wide_range(136, 260, seed=8))
+    inputs["special_bf16"] = _with_specials(_wide_range(136, 260, seed=9)).bfloat16()
+    inputs["special_w"] = _with_specials(_wide_range(136, 260, seed=10))
     w_q, w_s = weight_quant_ref(inputs["w"])
     inputs["w_q"], inputs["w_s"] = w_q.view(torch.uint8), w_s
     for M, N, K, b_tiles in GEMM_CASES:
@@ -92,7 +111,9 @@ def _run_kernels(inputs: dict) -> dict:
     fp8 = torch.float8_e4m3fn
     out = {}
     for kind, fmt in QUANT_CASES:
-        for name in (["w"] if kind == "128x128" else ["x", "x_bf16"]):
+        names = ["w", "special_w"] if kind == "128x128" else ["x", "x_bf16", "special",
+                                                              "special_bf16"]
+        for name in names:
             q, s = _quantize(kind, fmt, inputs[name], kernels)
             out[(kind, fmt, name)] = (q.view(torch.uint8), s)
     out["dequant"] = kernels.weight_dequant_triton(inputs["w_q"].view(fp8), inputs["w_s"],
@@ -105,7 +126,7 @@ def _run_kernels(inputs: dict) -> dict:
         out[("gemm k-major", M, N, K, b_tiles)] = kernels.fp8_gemm_triton(
             a_q.view(fp8), k_major, b_q.view(fp8), b_s, torch.float32)
     for fmt in (None, "ue8m0"):
-        for name in ("x", "x_bf16"):
+        for name in ("x", "x_bf16", "special", "special_bf16"):
             q, s, qt, st = kernels.act_quant_both_triton(inputs[name], fmt)
             out[("both", fmt, name)] = (q.view(torch.uint8), s, qt.view(torch.uint8), st)
     return out
@@ -143,6 +164,52 @@ def test_interpreted_quantizers_match_the_reference(interpreted, kind, fmt):
         differ = q.view(torch.float8_e4m3fn).float() != q_ref.float()
         assert not (differ & ~faults).any(), f"{name}: values differ outside the cast faults"
         assert faults.float().mean() < 0.15  # measured 4-11%: most elements checked exactly
+
+
+E4M3_NAN_BITS = 0x7F  # e4m3fn has one NaN per sign: S.1111.111
+
+
+def _assert_specials_like_the_reference(q, s, q_ref, s_ref, interpreted: bool, label: str):
+    """Scales equal bit for bit, NaN where the reference's are; E4M3 bytes equal wherever
+    the reference is not NaN (±0 keep their sign), and NaN where it is NaN.
+
+    The sign of a NaN is not compared: PyTorch on x86 makes ∞/∞ a negative NaN, the GPU
+    a positive one. Under the interpreter a NaN lands as S.1111.xxx instead (its fp32 ->
+    fp8 cast knows no NaN and keeps the top mantissa bits of the fp32 NaN's payload), so
+    only the exponent bits are checked there; compiled, the cast (``cvt.rn.satfinite``)
+    writes 0x7F, which the GPU test requires."""
+    both_nan = s.isnan() & s_ref.isnan()
+    assert torch.equal(torch.where(both_nan, 0.0, s), torch.where(both_nan, 0.0, s_ref)), \
+        f"{label}: scales differ (NaN where the reference is finite, or the reverse)"
+    assert s_ref.isnan().any() and s_ref.isinf().any(), f"{label}: no special tile"
+    ref_nan = (q_ref & 0x7F) == E4M3_NAN_BITS
+    bits = 0x78 if interpreted else E4M3_NAN_BITS
+    assert ((q[ref_nan] & bits) == bits).all(), f"{label}: a NaN did not stay NaN"
+    assert not ((q[~ref_nan] & 0x7F) == E4M3_NAN_BITS).any(), f"{label}: NaN out of nothing"
+    return ref_nan
+
+
+@pytest.mark.parametrize("kind,fmt", QUANT_CASES)
+def test_interpreted_quantizers_pass_nan_and_inf_as_the_reference_does(interpreted, kind, fmt):
+    """A tile with a NaN: NaN scale, every value NaN. A tile with ±Inf (no NaN): +Inf
+    scale, finite values ±0, the infinities NaN (∞/∞) - exactly as PyTorch computes it."""
+    inputs, outputs = interpreted
+    for name in (["special_w"] if kind == "128x128" else ["special", "special_bf16"]):
+        q_ref, s_ref = _quantize(kind, fmt, inputs[name])
+        q, s = outputs[(kind, fmt, name)]
+        q_ref = q_ref.view(torch.uint8)
+        ref_nan = _assert_specials_like_the_reference(q, s, q_ref, s_ref, True, name)
+        # The tiles with a special value hold only NaN or ±0 (no interpreter cast fault
+        # touches them): bytes equal. Ordinary tiles are checked by the test above.
+        special = ref_nan | ((q_ref & 0x7F) == 0)
+        assert torch.equal(q[special & ~ref_nan], q_ref[special & ~ref_nan]), name
+    if kind != "128x128":
+        for name in ("special", "special_bf16"):
+            both = outputs[("both", fmt, name)]
+            separate = outputs[(kind, fmt, name)]
+            ours = both[:2] if kind == "1x128" else both[2:]
+            for got, want in zip(ours, separate):
+                assert torch.equal(got.nan_to_num(), want.nan_to_num()), name
 
 
 @pytest.mark.parametrize("fmt", [None, "ue8m0"])
@@ -204,6 +271,21 @@ def test_compiled_quantizers_match_the_reference_bit_for_bit(kind, fmt, dtype):
     q_ref, s_ref = _quantize(kind, fmt, x)
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,fmt", QUANT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_quantizers_pass_nan_and_inf_as_the_reference_does(kind, fmt, dtype):
+    """Compiled, NaN-dropping max/min would show here: bytes equal except NaN signs."""
+    from dsv3lite.fp8 import kernels
+
+    x = _with_specials(_wide_range(1000, 4200, seed=11)).to(device=_fp8_gpu(), dtype=dtype)
+    q, s = _quantize(kind, fmt, x, kernels)
+    q_ref, s_ref = _quantize(kind, fmt, x)
+    q, q_ref = q.view(torch.uint8), q_ref.view(torch.uint8)
+    ref_nan = _assert_specials_like_the_reference(q, s, q_ref, s_ref, False, str(dtype))
+    assert torch.equal(q[~ref_nan], q_ref[~ref_nan])
 
 
 @pytest.mark.gpu
