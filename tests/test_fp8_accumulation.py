@@ -141,6 +141,8 @@ def test_the_emulation_rejects_bad_arguments_by_name():
         limited_precision_matmul(a, torch.zeros(5, 32))
     with pytest.raises(ValueError, match=re.escape("accumulator_bits=-1")):
         promoted_gemm_tolerance(-1)
+    with pytest.raises(ValueError, match=re.escape("same_sign='yes'")):
+        promoted_gemm_tolerance(14, same_sign="yes")
 
 
 # ----------------------------------------------------- the tolerance of the GPU tests
@@ -161,6 +163,20 @@ def test_tolerance_catches_a_kernel_that_never_promotes(K):
     naive = _rel(limited_precision_matmul(a, b), exact)  # all of K on the tensor cores
     promoted = _rel(limited_precision_matmul(a, b, promote_every=PROMOTION_INTERVAL), exact)
     assert promoted < promoted_gemm_tolerance() < naive  # measured 8e-4 and 1.3e-3 naive
+
+
+@pytest.mark.parametrize("bits", [12, 14])
+def test_same_sign_tolerance_holds_where_the_mixed_sign_one_does_not(bits):
+    """All-positive operands: truncation adds up instead of cancelling (about 10 units
+    of 2^-14, 6.3e-4, over the 4.9e-4 mixed-sign bound); the same-sign bound holds."""
+    g = torch.Generator().manual_seed(bits)
+    a_q, a_s = act_quant(torch.randn(48, 2048, generator=g).abs())
+    b_q, b_s = weight_quant(torch.randn(64, 2048, generator=g).abs())
+    exact = (dequantize_tiles(a_q, a_s, (1, 128), torch.float64)
+             @ dequantize_tiles(b_q, b_s, (128, 128), torch.float64).t())
+    error = _rel(emulate_fp8_gemm(a_q, a_s, b_q, b_s, accumulator_bits=bits), exact)
+    assert error > promoted_gemm_tolerance(bits)  # the mixed-sign bound fails here
+    assert error < promoted_gemm_tolerance(bits, same_sign=True) / (2 if bits == 14 else 1.4)
 
 
 def test_tolerance_scales_with_the_accumulator_width():
