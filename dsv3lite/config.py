@@ -18,7 +18,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ModelArgs"]
+__all__ = ["ModelArgs", "GROUPED_MM_MULTIPLE"]
+
+GROUPED_MM_MULTIPLE = 8
+"""``dim`` and ``moe_inter_dim`` must be multiples of this with ``moe_impl="grouped"``:
+``torch._grouped_mm`` needs 16-byte rows, 8 bf16 elements."""
 
 
 @dataclass
@@ -177,6 +181,16 @@ class ModelArgs:
             fail("n_activated_experts", self.n_activated_experts,
                  f"must be between 1 and the {kept} experts held by the "
                  f"n_limited_groups={self.n_limited_groups} kept groups")
+        if self.moe_impl == "grouped":
+            # torch._grouped_mm needs every row of its operands to start on a 16-byte
+            # boundary: in bf16 (autocast, and on CUDA) a multiple of 8 elements. The FP8
+            # kernels zero-pad partial 128-tiles and need no multiple of their own.
+            for name in ("dim", "moe_inter_dim"):
+                value = getattr(self, name)
+                if value % GROUPED_MM_MULTIPLE:
+                    fail(name, value, f"must be a multiple of {GROUPED_MM_MULTIPLE} with "
+                         "moe_impl='grouped' (torch._grouped_mm needs 16-byte rows in bf16); "
+                         "use moe_impl='loop' for other sizes")
 
     # ---------------------------------------------------------------- presets
     @classmethod

@@ -37,3 +37,19 @@ def test_replace_revalidates():
 def test_all_dense_model_needs_no_experts():
     args = ModelArgs.tiny(n_dense_layers=2, n_mtp_depth=0, n_routed_experts=0)
     assert not any(args.is_moe_layer(i) for i in range(args.n_layers))
+
+
+@pytest.mark.parametrize("field, value", [("dim", 36), ("moe_inter_dim", 20)])
+def test_grouped_moe_needs_rows_that_grouped_mm_can_take(field, value):
+    """torch._grouped_mm raises 'strides should be multiple of 16 bytes' deep inside a
+    bf16 forward for such sizes; ModelArgs says so up front, and the loop takes them."""
+    with pytest.raises(ValueError, match=rf"ModelArgs.{field}={value} is invalid: must be a "
+                                         r"multiple of 8 with moe_impl='grouped'"):
+        ModelArgs.tiny(**{field: value})
+    ModelArgs.tiny(**{field: value}, moe_impl="loop")  # the loop has no such need
+
+
+def test_every_preset_the_book_uses_passes_the_tiling_checks():
+    for args in (ModelArgs.tiny(), ModelArgs.tiny(fp8=True), ModelArgs.small(),
+                 ModelArgs.h100(), ModelArgs.h100_1b(), ModelArgs.deepseek_v3()):
+        assert args.dim % 8 == 0 and args.moe_inter_dim % 8 == 0
