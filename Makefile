@@ -71,12 +71,13 @@ gpu-check: $(if $(GPU_PY_READY),,install)
 
 # The floors pyproject.toml declares, tested: the unit tests (not the book) in a venv of
 # their own with the oldest torch and transformers the package says it supports, the
-# other packages at the pins. It downloads a second torch (a CUDA build from PyPI, about
-# 3 GB with its libraries), so it is not part of `make test`.
+# other packages at the pins (tokenizers: whatever that transformers accepts). It
+# downloads a second torch (a CUDA build from PyPI, about 3 GB with its libraries), so it
+# is not part of `make test`.
 TORCH_FLOOR := $(shell sed -n 's/^ *"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 TRANSFORMERS_FLOOR := $(shell sed -n 's/^hf = \["transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 FLOOR_VENV ?= .venv-floor
-FLOOR_SKIP := ^(torch|triton|transformers|jupyter-book|sphinx-mathjax-offline|playwright|jupytext|ipykernel)==
+FLOOR_SKIP := ^(torch|triton|transformers|tokenizers|jupyter-book|sphinx-mathjax-offline|playwright|jupytext|ipykernel)==
 floor-test: data
 	@test -n "$(TORCH_FLOOR)" -a -n "$(TRANSFORMERS_FLOOR)" || { echo "floor-test: floors not found in pyproject.toml"; exit 1; }
 	@test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
