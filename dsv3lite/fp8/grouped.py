@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from .grouped_kernels import grouped_fp8_gemm_triton, grouped_wgrad_triton
-from .grouped_reference import grouped_fp8_gemm_ref, grouped_wgrad_ref
+from .grouped_reference import (check_grouped_gemm, check_grouped_wgrad,
+                                grouped_fp8_gemm_ref, grouped_wgrad_ref)
 from .linear import quantized_weight
 from .ops import act_quant, act_quant_both, output_dtype, use_triton, weight_quant
 from .reference import BLOCK_SIZE, ceil_div
@@ -81,6 +82,10 @@ def grouped_fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
                      ends: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Grouped block-scaled FP8 GEMM: Triton on sm_89+ GPUs, the reference elsewhere.
 
+    Under ``torch.compile`` it is one opaque custom op, ``torch.ops.dsv3lite.grouped_fp8_gemm``,
+    as the operations of :mod:`dsv3lite.fp8.ops` are: the graph never sees the Triton
+    launch, nor the reference's host read of ``ends``, which happens when the graph runs.
+
     Args:
         a, a_s, b, b_s, ends, out_dtype: As in
             :func:`~dsv3lite.fp8.grouped_reference.grouped_fp8_gemm_ref`. On the Triton
@@ -90,14 +95,16 @@ def grouped_fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     Returns:
         (M, N) in ``out_dtype`` (default ``torch.get_default_dtype()``).
     """
-    if _triton_path(a):
-        return grouped_fp8_gemm_triton(a, a_s, b, b_s, ends, out_dtype)
-    return grouped_fp8_gemm_ref(a, a_s, b, b_s, ends, out_dtype)
+    out_dtype = out_dtype or torch.get_default_dtype()
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3lite.grouped_fp8_gemm(a, a_s, b, b_s, ends, out_dtype)
+    return _grouped_fp8_gemm(a, a_s, b, b_s, ends, out_dtype)
 
 
 def grouped_wgrad(dy_t: torch.Tensor, dy_t_s: torch.Tensor, x_t: torch.Tensor,
                   x_t_s: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Grouped FP8 weight gradient: Triton on sm_89+ GPUs, the reference elsewhere.
+    """Grouped FP8 weight gradient: Triton on sm_89+ GPUs, the reference elsewhere
+    (one custom op under ``torch.compile``, like :func:`grouped_fp8_gemm`).
 
     Args:
         dy_t, dy_t_s, x_t, x_t_s, ends: As in
@@ -107,9 +114,41 @@ def grouped_wgrad(dy_t: torch.Tensor, dy_t_s: torch.Tensor, x_t: torch.Tensor,
     Returns:
         (E, N, K) fp32.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3lite.grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, ends)
+    return _grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, ends)
+
+
+def _grouped_fp8_gemm(a, a_s, b, b_s, ends, out_dtype):
+    if _triton_path(a):
+        return grouped_fp8_gemm_triton(a, a_s, b, b_s, ends, out_dtype)
+    return grouped_fp8_gemm_ref(a, a_s, b, b_s, ends, out_dtype)
+
+
+def _grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, ends):
     if _triton_path(dy_t):
         return grouped_wgrad_triton(dy_t, dy_t_s, x_t, x_t_s, ends)
     return grouped_wgrad_ref(dy_t, dy_t_s, x_t, x_t_s, ends)
+
+
+def _fake_grouped_fp8_gemm(a, a_s, b, b_s, ends, out_dtype):
+    check_grouped_gemm(a, a_s, b, b_s, ends)
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)  # both paths: contiguous
+
+
+def _fake_grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, ends):
+    check_grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, ends)
+    return dy_t.new_empty((ends.numel(), dy_t.shape[0], x_t.shape[0]), dtype=torch.float32)
+
+
+torch.library.custom_op(
+    "dsv3lite::grouped_fp8_gemm", _grouped_fp8_gemm, mutates_args=(),
+    schema="(Tensor a, Tensor a_s, Tensor b, Tensor b_s, Tensor ends, ScalarType out_dtype) "
+           "-> Tensor").register_fake(_fake_grouped_fp8_gemm)
+torch.library.custom_op(
+    "dsv3lite::grouped_wgrad", _grouped_wgrad, mutates_args=(),
+    schema="(Tensor dy_t, Tensor dy_t_s, Tensor x_t, Tensor x_t_s, Tensor ends) -> Tensor"
+).register_fake(_fake_grouped_wgrad)
 
 
 def _gemm_scales(s: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,16 @@ looks at where its input lives:
 Both paths share one contract, zero padding of partial tiles included, and the tests
 check that they agree. The Triton interpreter is reached through
 :mod:`dsv3lite.fp8.kernels` directly (see ``tests/test_fp8_kernels.py``), never here.
+
+**One graph under** ``torch.compile``. Inside a compiled region each operation is one
+``torch.library`` custom op (``torch.ops.dsv3lite.act_quant``, ...): the compiler sees an
+opaque call with a known output (shape, dtype and strides, both paths' layouts), never
+the Triton launch, its lazy import or the reference's Python, so ``fullgraph=True``
+holds. The op's body is the eager dispatch above, run when the graph runs. Outside a
+compiled region the functions call the dispatch directly (no custom-op overhead). The
+choice of path is a constant while tracing: whether Triton is installed is decided once
+at import, and a GPU's compute capability is read once per device, outside the graph
+(:func:`use_triton`).
 """
 
 from __future__ import annotations
@@ -25,25 +35,53 @@ from typing import Optional
 import torch
 
 from . import reference
-from .reference import BLOCK_SIZE
+from .e4m3 import E4M3_DTYPE
+from .reference import BLOCK_SIZE, ceil_div
 
 __all__ = ["use_triton", "act_quant", "act_quant_both", "weight_quant", "weight_dequant",
            "fp8_gemm"]
 
 MIN_CAPABILITY = (8, 9)
 """FP8 tensor cores arrived with Ada (sm_89) and Hopper (sm_90)."""
-_notices_given: set[str] = set()
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+"""Decided once, at import: a module search while tracing would break the graph."""
+_force_triton = False
+"""Tests set this in an interpreted child process (``TRITON_INTERPRET=1``) to send CPU
+tensors to the kernels, compiled graphs included."""
+_refusals: dict[int, str] = {}  # CUDA device index -> why the kernels cannot run ("" = they can)
 
 
-def _notice_once(reason: str) -> None:
-    if reason not in _notices_given:
-        _notices_given.add(reason)
-        warnings.warn(f"dsv3lite.fp8: {reason}; using the plain-PyTorch reference path "
-                      "(correct, but slower)", RuntimeWarning, stacklevel=3)
+@torch.compiler.assume_constant_result
+def kernels_refused(device_index: int) -> str:
+    """Why the Triton kernels cannot run on CUDA device ``device_index`` ("" if they can).
+
+    Computed once per device, with a one-time RuntimeWarning when they cannot. Marked
+    ``assume_constant_result``: ``torch.compile`` calls it as plain Python while tracing
+    and keeps the answer as a constant, so the capability query and the warning never
+    enter a graph.
+    """
+    if device_index not in _refusals:
+        if torch.version.hip is not None:
+            reason = "ROCm GPUs use another FP8 format (e4m3fnuz) than these kernels"
+        elif torch.cuda.get_device_capability(device_index) < MIN_CAPABILITY:
+            reason = (f"{torch.cuda.get_device_name(device_index)} has compute capability "
+                      f"{torch.cuda.get_device_capability(device_index)}, FP8 tensor cores "
+                      f"need {MIN_CAPABILITY} or newer")
+        elif not TRITON_INSTALLED:
+            reason = "Triton is not installed"
+        else:
+            reason = ""
+        _refusals[device_index] = reason
+        if reason:
+            warnings.warn(f"dsv3lite.fp8: {reason}; using the plain-PyTorch reference path "
+                          "(correct, but slower)", RuntimeWarning, stacklevel=2)
+    return _refusals[device_index]
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the FP8 operations on tensors like ``t`` run as compiled Triton kernels.
+
+    Traceable: under ``torch.compile`` the answer is a constant of the graph.
 
     Args:
         t: Any tensor of the operation.
@@ -54,18 +92,12 @@ def use_triton(t: torch.Tensor) -> bool:
     """
     if not t.is_cuda:
         return False
-    if torch.version.hip is not None:
-        _notice_once("ROCm GPUs use another FP8 format (e4m3fnuz) than these kernels")
-        return False
-    capability = torch.cuda.get_device_capability(t.device)
-    if capability < MIN_CAPABILITY:
-        _notice_once(f"{torch.cuda.get_device_name(t.device)} has compute capability "
-                     f"{capability}, FP8 tensor cores need {MIN_CAPABILITY} or newer")
-        return False
-    if importlib.util.find_spec("triton") is None:
-        _notice_once("Triton is not installed")
-        return False
-    return True
+    index = t.device.index
+    return not kernels_refused(torch.cuda.current_device() if index is None else index)
+
+
+def _triton_path(t: torch.Tensor) -> bool:
+    return _force_triton or use_triton(t)
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -99,11 +131,9 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: Optional
         ``(q, s)``: E4M3 values and fp32 scales, with x ≈ q · s per tile.
     """
     _check_block_size(block_size)
-    if use_triton(x):
-        # optional dependency: Triton, loaded on first use
-        from .kernels import act_quant_triton
-        return act_quant_triton(x, scale_fmt, transpose)
-    return reference.act_quant_ref(x, scale_fmt, transpose)
+    if torch.compiler.is_compiling():  # one opaque node (module docstring)
+        return torch.ops.dsv3lite.act_quant(x, scale_fmt, transpose)
+    return _act_quant(x, scale_fmt, transpose)
 
 
 def act_quant_both(x: torch.Tensor, scale_fmt: Optional[str] = None
@@ -117,11 +147,9 @@ def act_quant_both(x: torch.Tensor, scale_fmt: Optional[str] = None
     Returns:
         ``(q, s, qt, st)`` as the two calls return them.
     """
-    if use_triton(x):
-        # optional dependency: Triton, loaded on first use
-        from .kernels import act_quant_both_triton
-        return act_quant_both_triton(x, scale_fmt)
-    return (*reference.act_quant_ref(x, scale_fmt), *reference.act_quant_ref(x, scale_fmt, True))
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3lite.act_quant_both(x, scale_fmt)
+    return _act_quant_both(x, scale_fmt)
 
 
 def weight_quant(w: torch.Tensor, block_size: int = BLOCK_SIZE,
@@ -137,11 +165,9 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK_SIZE,
         ``(q, s)``: q (N, K) E4M3 and s (ceil(N/128), ceil(K/128)) fp32.
     """
     _check_block_size(block_size)
-    if use_triton(w):
-        # optional dependency: Triton, loaded on first use
-        from .kernels import weight_quant_triton
-        return weight_quant_triton(w, scale_fmt)
-    return reference.weight_quant_ref(w, scale_fmt)
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3lite.weight_quant(w, scale_fmt)
+    return _weight_quant(w, scale_fmt)
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK_SIZE,
@@ -158,11 +184,10 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK_SIZ
         (N, K) tensor q · s.
     """
     _check_block_size(block_size)
-    if use_triton(q):
-        # optional dependency: Triton, loaded on first use
-        from .kernels import weight_dequant_triton
-        return weight_dequant_triton(q, s, out_dtype)
-    return reference.weight_dequant_ref(q, s, out_dtype)
+    out_dtype = out_dtype or torch.get_default_dtype()
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3lite.weight_dequant(q, s, out_dtype)
+    return _weight_dequant(q, s, out_dtype)
 
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
@@ -180,8 +205,110 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     Returns:
         (..., N) tensor.
     """
-    if use_triton(a):
-        # optional dependency: Triton, loaded on first use
+    out_dtype = out_dtype or torch.get_default_dtype()
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3lite.fp8_gemm(a, a_s, b, b_s, out_dtype)
+    return _fp8_gemm(a, a_s, b, b_s, out_dtype)
+
+
+# ------------------------------------------------------- the eager dispatch
+def _act_quant(x, scale_fmt, transpose):
+    if _triton_path(x):
+        # optional dependency: Triton, loaded on first use (never while tracing)
+        from .kernels import act_quant_triton
+        return act_quant_triton(x, scale_fmt, transpose)
+    return reference.act_quant_ref(x, scale_fmt, transpose)
+
+
+def _act_quant_both(x, scale_fmt):
+    if _triton_path(x):
+        # optional dependency: Triton, loaded on first use (never while tracing)
+        from .kernels import act_quant_both_triton
+        return act_quant_both_triton(x, scale_fmt)
+    return (*reference.act_quant_ref(x, scale_fmt), *reference.act_quant_ref(x, scale_fmt, True))
+
+
+def _weight_quant(w, scale_fmt):
+    if _triton_path(w):
+        # optional dependency: Triton, loaded on first use (never while tracing)
+        from .kernels import weight_quant_triton
+        return weight_quant_triton(w, scale_fmt)
+    return reference.weight_quant_ref(w, scale_fmt)
+
+
+def _weight_dequant(q, s, out_dtype):
+    if _triton_path(q):
+        # optional dependency: Triton, loaded on first use (never while tracing)
+        from .kernels import weight_dequant_triton
+        return weight_dequant_triton(q, s, out_dtype)
+    return reference.weight_dequant_ref(q, s, out_dtype)
+
+
+def _fp8_gemm(a, a_s, b, b_s, out_dtype):
+    if _triton_path(a):
+        # optional dependency: Triton, loaded on first use (never while tracing)
         from .kernels import fp8_gemm_triton
         return fp8_gemm_triton(a, a_s, b, b_s, out_dtype)
     return reference.fp8_gemm_ref(a, a_s, b, b_s, out_dtype)
+
+
+# ------------------------------------------- the same, as custom ops for torch.compile
+# Each fake returns empty tensors laid out as the path the real call will take returns
+# them: the Triton quantizers write scales K-major (a transposed view of a contiguous
+# (ceil(K/128), M) tensor), the reference writes everything contiguous. The compiler
+# relies on those strides; tests/test_compile.py checks each fake against the real
+# call on both paths (torch.library.opcheck).
+def _scales(rows: int, n_tiles: int, like: torch.Tensor, k_major: bool) -> torch.Tensor:
+    """Empty (rows, n_tiles) fp32 scales, K-major or row-major."""
+    if k_major:
+        return like.new_empty((n_tiles, rows), dtype=torch.float32).t()
+    return like.new_empty((rows, n_tiles), dtype=torch.float32)
+
+
+def _fake_act_quant(x, scale_fmt, transpose):
+    reference.check_quantizable("x", x)
+    reference.check_scale_fmt(scale_fmt)
+    K, M = x.shape[-1], x.shape[:-1].numel()  # (M, K) tokens x channels
+    k_major = _triton_path(x)
+    if transpose:
+        q = x.new_empty((K, M), dtype=E4M3_DTYPE)
+        return q, _scales(K, ceil_div(M, BLOCK_SIZE), x, k_major)
+    q = x.new_empty(x.shape, dtype=E4M3_DTYPE)
+    return q, _scales(M, ceil_div(K, BLOCK_SIZE), x, k_major).view(*x.shape[:-1], -1)
+
+
+def _fake_act_quant_both(x, scale_fmt):
+    q, s = _fake_act_quant(x, scale_fmt, False)
+    return (q, s, *_fake_act_quant(x, scale_fmt, True))
+
+
+def _fake_weight_quant(w, scale_fmt):
+    reference.check_quantizable("w", w, ndim=2)
+    reference.check_scale_fmt(scale_fmt)
+    N, K = w.shape
+    return (w.new_empty((N, K), dtype=E4M3_DTYPE),
+            w.new_empty((ceil_div(N, BLOCK_SIZE), ceil_div(K, BLOCK_SIZE)), dtype=torch.float32))
+
+
+def _fake_weight_dequant(q, s, out_dtype):
+    return q.new_empty(q.shape, dtype=out_dtype)
+
+
+def _fake_fp8_gemm(a, a_s, b, b_s, out_dtype):
+    reference.check_gemm_operands(a, a_s, b, b_s)
+    return a.new_empty((*a.shape[:-1], b.shape[0]), dtype=out_dtype)
+
+
+for _name, _schema, _real, _fake in [
+        ("act_quant", "(Tensor x, str? scale_fmt, bool transpose) -> (Tensor, Tensor)",
+         _act_quant, _fake_act_quant),
+        ("act_quant_both", "(Tensor x, str? scale_fmt) -> (Tensor, Tensor, Tensor, Tensor)",
+         _act_quant_both, _fake_act_quant_both),
+        ("weight_quant", "(Tensor w, str? scale_fmt) -> (Tensor, Tensor)",
+         _weight_quant, _fake_weight_quant),
+        ("weight_dequant", "(Tensor q, Tensor s, ScalarType out_dtype) -> Tensor",
+         _weight_dequant, _fake_weight_dequant),
+        ("fp8_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) "
+         "-> Tensor", _fp8_gemm, _fake_fp8_gemm)]:
+    torch.library.custom_op(f"dsv3lite::{_name}", _real, mutates_args=(),
+                            schema=_schema).register_fake(_fake)
