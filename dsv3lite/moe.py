@@ -35,11 +35,16 @@ from torch import nn
 
 from .config import ModelArgs
 from .fp8 import fp8_linear, grouped_fp8_experts, linear_class, use_triton
+from .fp8.segments import ALIGN, pad_segments, unpad
 
 __all__ = ["MLP", "Gate", "BiasBalancer", "GroupedExperts", "MoE", "RoutingStats", "MOE_IMPLS",
-           "max_violation", "sequence_balance_loss"]
+           "EXPERT_PATHS", "expert_path", "grouped_mm_without_sync", "max_violation",
+           "sequence_balance_loss"]
 
 MOE_IMPLS = ("grouped", "loop")
+EXPERT_PATHS = ("grouped_mm", "segments", "fp8_grouped", "loop")
+"""The computations :meth:`GroupedExperts.forward` can run; :func:`expert_path` picks one."""
+_grouped_mm_fast: dict[int, bool] = {}  # CUDA device index -> grouped_mm_without_sync
 
 
 class MLP(nn.Module):
@@ -54,6 +59,63 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@torch.compiler.assume_constant_result
+def grouped_mm_without_sync(device_index: int) -> bool:
+    """Whether bf16 ``torch._grouped_mm`` runs on CUDA device ``device_index`` as one kernel.
+
+    Elsewhere (other GPUs, ROCm, and any dtype but bf16 everywhere) torch falls back to
+    one matmul per group, which first copies the group offsets to the host: a
+    synchronisation in every MoE layer. A constant while tracing (read outside the graph).
+    """
+    if device_index not in _grouped_mm_fast:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        # torch's CUTLASS kernel is built for sm_90 and sm_100 only (ATen GroupedBlas.cpp)
+        _grouped_mm_fast[device_index] = torch.version.hip is None and (
+            (major, minor) == (9, 0) or major == 10)
+    return _grouped_mm_fast[device_index]
+
+
+def expert_path(impl: str, fp8: bool, device: torch.device, dtype: torch.dtype, *,
+                fp8_kernels: bool, compiling: bool) -> str:
+    """Which computation runs the routed experts, one of :data:`EXPERT_PATHS`.
+
+    - ``"fp8_grouped"``: FP8 experts as grouped FP8 GEMMs over 128-aligned segments
+      (:func:`~dsv3lite.fp8.grouped_fp8_experts`), where the FP8 kernels run, and under
+      ``torch.compile`` everywhere (the references inside are opaque ops there);
+    - ``"loop"``: ``impl="loop"``, and FP8 experts in eager mode without the kernels:
+      one expert at a time after reading the counts on the host (the reference);
+    - ``"grouped_mm"``: ``torch._grouped_mm`` where it needs no host sync (bf16 on the
+      CPU or on sm_90/sm_100) and on the CPU in eager mode in any dtype (a CPU has no
+      device to wait for, and the CPU numerics stay what they always were);
+    - ``"segments"``: everything else (fp32 on a GPU, the float32 CPU default under
+      ``torch.compile``, whose ``_grouped_mm`` takes bf16 only, GPUs without the
+      one-launch kernel): batched matmuls over 128-row segments, no host sync, in the
+      input's own precision (:meth:`GroupedExperts.forward`).
+
+    Args:
+        impl: ``"grouped"`` or ``"loop"`` (``ModelArgs.moe_impl``).
+        fp8: Whether the experts run in FP8.
+        device, dtype: Where the tokens are and the dtype the GEMMs run in (the
+            autocast dtype when autocast is on).
+        fp8_kernels: Whether the FP8 Triton kernels run on ``device``
+            (:func:`~dsv3lite.fp8.use_triton`).
+        compiling: Whether this is traced by ``torch.compile``.
+    """
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"impl={impl!r} is invalid: choose one of {', '.join(MOE_IMPLS)}")
+    if fp8:
+        return "fp8_grouped" if impl == "grouped" and (fp8_kernels or compiling) else "loop"
+    if impl == "loop":
+        return "loop"
+    if dtype == torch.bfloat16 and (device.type == "cpu" or (
+            device.type == "cuda" and grouped_mm_without_sync(
+                torch.cuda.current_device() if device.index is None else device.index))):
+        return "grouped_mm"
+    if device.type == "cpu" and not compiling:
+        return "grouped_mm"
+    return "segments"
 
 
 def max_violation(counts: torch.Tensor) -> float:
@@ -209,7 +271,10 @@ class GroupedExperts(nn.Module):
 
     ``impl="grouped"`` runs all experts as three ``torch._grouped_mm`` calls over the
     tokens sorted by expert, with the segment ends computed on the device: no host
-    synchronisation and three launches per layer, whatever the number of experts.
+    synchronisation and three launches per layer, whatever the number of experts. Where
+    ``_grouped_mm`` would synchronise (any dtype but bf16 on a GPU) or cannot be compiled
+    (float32), the same experts run as batched matmuls over 128-row segments
+    (:func:`expert_path` says which runs where).
     ``impl="loop"`` is the reference: one small matmul per expert after reading the
     counts on the host. With ``fp8=True`` (``ModelArgs.fp8``, or
     :func:`~dsv3lite.model.convert_to_fp8` on a built model) the experts' three GEMMs run
@@ -259,17 +324,44 @@ class GroupedExperts(nn.Module):
             x: (N, dim) tokens, expert 0's first, then expert 1's, ...
             counts: (E,) tokens per expert (on x's device).
         """
-        if self.fp8 and self.impl == "grouped" and use_triton(x):  # a GPU with FP8 kernels
+        device_type = x.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else x.dtype)
+        path = expert_path(self.impl, self.fp8, x.device, dtype, fp8_kernels=use_triton(x),
+                           compiling=torch.compiler.is_compiling())
+        if path == "fp8_grouped":
             return grouped_fp8_experts(x, counts, self.w1, self.w2, self.w3)
-        if self.impl == "loop" or self.fp8:
+        if path == "loop":
             return self._loop(x, counts)
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        x = x.to(dtype)
+        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        if path == "segments":
+            return self._segments(x, counts, w1, w2, w3)
         ends = counts.cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=ends)) \
             * torch._grouped_mm(x, w3.transpose(-2, -1), offs=ends)
         return torch._grouped_mm(h, w2.transpose(-2, -1), offs=ends)
+
+    def _segments(self, x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+        """The experts as batched matmuls over 128-row segments: no host sync, x's dtype.
+
+        The tokens are copied into segments that start at multiples of 128
+        (:func:`~dsv3lite.fp8.segments.pad_segments`, shapes from N and E only), each
+        128-row segment gets a copy of its expert's weights (``index_select``), and one
+        ``bmm`` per GEMM does the rest; zero padding rows stay zero through the SwiGLU.
+        Each token's output is its expert's MLP, as in ``_grouped_mm``, summed in
+        another order. The price: up to 127 padding rows per expert and the gathered
+        weights, (N/128 + E) copies of each expert matrix, fine for decoding and small
+        models, heavy for training a large one in fp32 (use bf16 autocast there).
+        """
+        x_padded, ends, index = pad_segments(x, counts)  # (S·128, dim), (E,), (N,)
+        starts = torch.arange(0, x_padded.shape[0], ALIGN, device=x.device)  # (S,)
+        expert = torch.searchsorted(ends, starts, right=True).clamp_(max=self.n_experts - 1)
+        xs = x_padded.unflatten(0, (-1, ALIGN))  # (S, 128, dim)
+        w1, w2, w3 = (w.index_select(0, expert) for w in (w1, w2, w3))  # (S, ., .)
+        h = F.silu(torch.bmm(xs, w1.transpose(1, 2))) * torch.bmm(xs, w3.transpose(1, 2))
+        return unpad(torch.bmm(h, w2.transpose(1, 2)).flatten(0, 1), index)
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         linear = fp8_linear if self.fp8 else F.linear

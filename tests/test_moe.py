@@ -1,8 +1,11 @@
+import contextlib
+
 import pytest
 import torch
 
 from dsv3lite import ModelArgs, MoE, Transformer, max_violation, sequence_balance_loss
-from dsv3lite.moe import BiasBalancer, Gate
+from dsv3lite import moe as moe_module
+from dsv3lite.moe import BiasBalancer, Gate, expert_path
 
 
 def _gate(args, std=0.1):
@@ -177,7 +180,9 @@ def test_moe_layer_keeps_no_record_of_a_forward():
     assert stats.balance_loss is not None and stats.balance_loss.requires_grad
     after = set(vars(moe)) | {k for m in moe.modules() for k in vars(m)}
     assert after == attributes  # nothing new set during forward
-    assert all(torch.equal(before[n], t) for n, t in moe.state_dict().items())
+    # equal_nan: the gate's weight is torch.empty here, whose memory may hold NaNs
+    assert all(torch.allclose(before[n].float(), t.float(), rtol=0, atol=0, equal_nan=True)
+               for n, t in moe.state_dict().items())
     assert moe.eval()(torch.randn(2, 8, moe.gate.weight.shape[1]))[1].balance_loss is None
 
 
@@ -257,6 +262,127 @@ def test_grouped_forward_reads_nothing_back_to_the_host(host_syncs):
         with host_syncs() as mode:
             _unit_gain_moe(impl)(x)
         assert bool(mode.calls) == expect_sync, (impl, mode.calls)
+
+
+def test_segment_experts_match_grouped_mm_forward_and_backward():
+    """The sync-free fallback (batched matmuls over 128-row segments) computes what
+    float32 _grouped_mm computes, gradients included, with an expert left empty."""
+    moe = _unit_gain_moe("grouped")
+    experts = moe.experts
+    counts = torch.tensor([0, 130, 1, 0, 7, 200, 0, 2])  # segments past 128 rows, empties
+    x = torch.randn(int(counts.sum()), 64)
+    outs = []
+    for run in ("grouped_mm", "segments"):
+        xr = x.clone().requires_grad_()
+        experts.zero_grad()
+        if run == "segments":
+            y = experts._segments(xr, counts, experts.w1, experts.w2, experts.w3)
+        else:
+            y = experts(xr, counts)  # the CPU in eager mode: _grouped_mm
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y, xr.grad, [w.grad.clone() for w in (experts.w1, experts.w2, experts.w3)]))
+    (y0, dx0, dw0), (y1, dx1, dw1) = outs
+    assert torch.allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(dx1, dx0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dw1, dw0):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert dw0[0][0].abs().sum() == 0 and dw0[0][1].abs().sum() > 0  # expert 0 got nothing
+
+
+@pytest.mark.parametrize("device, dtype, fast, compiling, expected", [
+    ("cpu", torch.float32, None, False, "grouped_mm"),  # eager CPU numerics unchanged
+    ("cpu", torch.bfloat16, None, True, "grouped_mm"),
+    ("cpu", torch.float32, None, True, "segments"),  # compiled _grouped_mm wants bf16
+    ("cuda", torch.bfloat16, True, False, "grouped_mm"),  # sm_90 / sm_100: one kernel
+    ("cuda", torch.bfloat16, True, True, "grouped_mm"),
+    ("cuda", torch.float32, True, False, "segments"),  # fp32 would copy offs to the host
+    ("cuda", torch.float16, True, False, "segments"),
+    ("cuda", torch.bfloat16, False, False, "segments"),  # e.g. an A100: the fallback too
+    ("mps", torch.float32, None, False, "segments")])
+def test_expert_path_never_picks_a_synchronising_grouped_mm_on_a_gpu(
+        monkeypatch, device, dtype, fast, compiling, expected):
+    if fast is not None:  # what torch.cuda.get_device_capability would have said
+        monkeypatch.setitem(moe_module._grouped_mm_fast, 0, fast)
+    got = expert_path("grouped", False, torch.device(device, 0) if device != "cpu"
+                      else torch.device("cpu"), dtype, fp8_kernels=False, compiling=compiling)
+    assert got == expected
+
+
+@pytest.mark.parametrize("fp8_kernels, compiling, impl, expected", [
+    (True, False, "grouped", "fp8_grouped"), (False, True, "grouped", "fp8_grouped"),
+    (False, False, "grouped", "loop"), (True, False, "loop", "loop")])
+def test_expert_path_of_fp8_experts(fp8_kernels, compiling, impl, expected):
+    assert expert_path(impl, True, torch.device("cpu"), torch.float32,
+                       fp8_kernels=fp8_kernels, compiling=compiling) == expected
+
+
+def test_expert_path_rejects_an_unknown_impl():
+    with pytest.raises(ValueError, match="impl='fast' is invalid"):
+        expert_path("fast", False, torch.device("cpu"), torch.float32, fp8_kernels=False,
+                    compiling=False)
+
+
+def _cuda_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelArgs.tiny(**overrides)).cuda()
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_step_on_cuda_never_synchronizes(precision):
+    """Forward, backward, optimizer step and bias update of the trainer's step, in fp32
+    (experts on the segments path) and under bf16 autocast (one-kernel _grouped_mm)."""
+    model = _cuda_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    tokens = torch.randint(0, model.args.vocab_size, (4, 65), device="cuda")
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, y, return_logits=False)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.total.backward()
+        optimizer.step()
+        return model.update_balance_biases(out.expert_counts, 1e-3, sync=False)
+
+    step()  # first step: lazy initialisations may synchronise once
+    with _no_host_sync():
+        step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_decoding_and_rollout_forward_passes_on_cuda_never_synchronize(precision):
+    """The forward passes of generation and of GRPO rollouts (a latent-cache prefill, then
+    one token per sequence) and the rollouts' log-prob pass with its backward, with the
+    model in fp32 and no autocast (as dsv3lite.generate runs it), or under bf16 autocast.
+    Picking tokens reads them on the host by design; here argmax stays on the device."""
+    model = _cuda_model().eval()
+    prompts = torch.randint(0, model.args.vocab_size, (4, 8), device="cuda")
+    cache = model.new_cache(4, max_len=16)
+    with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+        with torch.no_grad():
+            model(prompts, cache=model.new_cache(4, max_len=16))  # warm-up
+            with _no_host_sync():
+                nxt = model(prompts, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+                for pos in range(8, 12):
+                    nxt = model(nxt, cache=cache, start_pos=pos).logits[:, -1] \
+                        .argmax(-1, keepdim=True)
+        model.train()
+        tokens = torch.cat([prompts, prompts], dim=1)
+        model(tokens[:, :-1]).logits.float().logsumexp(-1).mean().backward()  # warm-up
+        with _no_host_sync():
+            model(tokens[:, :-1]).logits.float().logsumexp(-1).mean().backward()
 
 
 def test_checkpoints_with_one_linear_per_expert_still_load():
