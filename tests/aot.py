@@ -27,6 +27,8 @@ interpreted kernel tests run in child processes, so the pytest process itself is
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any, Iterable, Optional
 
 HOPPER = 90
@@ -45,9 +47,34 @@ def hopper_compile_skip_reason() -> Optional[str]:
     except ImportError as err:
         return f"triton or its NVIDIA backend cannot be imported: {err}"
     try:
-        get_ptxas(HOPPER).path
+        try:
+            get_ptxas(HOPPER).path
+        except TypeError:  # triton < 3.6: get_ptxas() takes no architecture
+            get_ptxas().path
     except RuntimeError as err:
         return f"no working ptxas for sm_{HOPPER} (triton {triton.__version__}): {err}"
+    return _probe_compile()
+
+
+@functools.cache
+def _probe_compile() -> Optional[str]:
+    """Compile one small kernel of the package; None if it builds, else why not (an
+    older triton whose compiler API this helper does not speak, say)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "TRITON_INTERPRET is set in this process: its kernels cannot compile"
+    try:
+        import triton  # optional dependency: Triton
+
+        from dsv3lite.fp8 import kernels  # optional dependency: imports Triton
+
+        compile_for_hopper(kernels._weight_dequant_kernel,
+                           {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*fp32",
+                            **dict.fromkeys(["N", "K", "stride_qn", "stride_qk",
+                                             "stride_sn", "stride_sk"], "i32")},
+                           {"BLOCK": 128}, num_warps=4)
+    except Exception as err:  # noqa: BLE001 - any failure means: cannot check here
+        return (f"triton {triton.__version__} cannot compile for sm_{HOPPER} through this "
+                f"helper: {type(err).__name__}: {str(err)[:300]}")
     return None
 
 
