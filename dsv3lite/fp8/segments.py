@@ -71,7 +71,8 @@ def check_counts(counts: Any, n_rows: Optional[int], device: torch.device) -> No
                          "entry (tokens) per expert")
     if counts.device != device:
         raise ValueError(f"counts is on {counts.device}: must be on x's device {device}")
-    if n_rows is not None and counts.device.type == "cpu":  # checkable without a sync
+    if n_rows is not None and counts.device.type == "cpu" \
+            and not torch.compiler.is_compiling():  # checkable without a sync or graph break
         if bool((counts < 0).any()) or int(counts.sum()) != n_rows:
             raise ValueError(f"counts={counts.tolist()} is invalid: must be >= 0 and sum "
                              f"to the number of rows of x, {n_rows}")
