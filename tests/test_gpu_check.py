@@ -101,6 +101,26 @@ def test_make_gpu_check_in_a_copy_without_venv_makes_none(tmp_path):
     assert f"using PYTHONPATH={copy} {sys.executable}" in done.stdout  # the copy's package
 
 
+def test_a_python_with_torch_and_triton_but_no_pytest_is_used_as_it_is(tmp_path):
+    """The GPU machine's python3 is enough when it imports torch and triton: make plans
+    no venv and no pip (dry run), and only the GPU-tests step is skipped without pytest."""
+    blocker = tmp_path / "block" / "pytest"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no pytest here')\n")
+    python = tmp_path / "python3"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={blocker.parent} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    assert subprocess.run([str(python), "-c", "import pytest"]).returncode != 0
+    plan = subprocess.run(["make", "-n", "gpu-check", f"PYTHON={python}"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "venv" not in plan.stdout and "pip" not in plan.stdout, plan.stdout
+    assert f"PYTHONPATH={ROOT} {python} benchmarks/gpu_check.py" in plan.stdout
+    ns = type("NS", (), {"smoke": False, "steps": [], "caps": {}})()
+    tests_step = gpu_check.plan(ns, str(python), cuda=True)[1]
+    assert tests_step.name == "gpu-tests" and "pytest is not importable" in tests_step.skip_reason
+
+
 def test_without_cuda_the_device_steps_skip_and_it_succeeds(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "gpu-check-summary.json").read_text())
