@@ -55,3 +55,25 @@ def text_corpus(tmp_path_factory) -> pathlib.Path:
         (folder / f"{name}.txt").write_text(inspect.getsource(module))
     (folder / "empty.txt").write_text("   \n")
     return folder
+
+
+def _cuda_with(capability: tuple[int, int], lacks: str) -> torch.device:
+    """The CUDA device when it has at least ``capability`` and triton imports; else skip.
+    (Tests that use it are marked ``gpu``, so a machine without CUDA skips them earlier.)"""
+    device = torch.device("cuda")
+    if torch.cuda.get_device_capability(device) < capability:
+        pytest.skip(f"{torch.cuda.get_device_name(device)} {lacks}")
+    pytest.importorskip("triton")
+    return device
+
+
+@pytest.fixture
+def fp8_cuda() -> torch.device:
+    """A CUDA device with FP8 tensor cores (sm_89+) for the compiled kernels."""
+    return _cuda_with((8, 9), "has no FP8 tensor cores (sm_89+)")
+
+
+@pytest.fixture
+def hopper_cuda() -> torch.device:
+    """A Hopper-class CUDA device (sm_90+: TMA, wgmma) for the fast FP8 GEMM."""
+    return _cuda_with((9, 0), "is not sm_90+ (TMA, wgmma)")

@@ -402,14 +402,6 @@ def test_interpreted_experts_layer_matches_the_reference_path(interpreted):
 
 
 # ----------------------------------------------------------------- compiled, on CUDA
-def _fp8_gpu() -> torch.device:
-    device = torch.device("cuda")
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        pytest.skip(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (sm_89+)")
-    pytest.importorskip("triton")
-    return device
-
-
 def _gpu_operands(device: torch.device) -> tuple[dict, list[int]]:
     counts = [700, 0, 1, 128, 2000, 333, 0, 900]
     data = {"counts": torch.tensor(counts, device=device),
@@ -421,8 +413,8 @@ def _gpu_operands(device: torch.device) -> tuple[dict, list[int]]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemm", ["fprop", "dgrad"])
-def test_compiled_grouped_gemm_matches_the_float64_product(gemm):
-    ops, _ = _gpu_operands(_fp8_gpu())
+def test_compiled_grouped_gemm_matches_the_float64_product(gemm, fp8_cuda):
+    ops, _ = _gpu_operands(fp8_cuda)
     ends = ops["ends"]
     exact = _exact_grouped_gemm(*(t.cpu() for t in ops[gemm]), ends.cpu())
     fp32 = grouped.grouped_fp8_gemm_triton(*ops[gemm], ends, torch.float32).cpu()
@@ -433,8 +425,8 @@ def test_compiled_grouped_gemm_matches_the_float64_product(gemm):
 
 
 @pytest.mark.gpu
-def test_compiled_grouped_wgrad_matches_the_float64_product():
-    ops, counts = _gpu_operands(_fp8_gpu())
+def test_compiled_grouped_wgrad_matches_the_float64_product(fp8_cuda):
+    ops, counts = _gpu_operands(fp8_cuda)
     ends = ops["ends"]
     dw = grouped_wgrad(*ops["wgrad"], ends).cpu()
     cpu = [t.cpu() for t in ops["wgrad"]]
@@ -453,8 +445,8 @@ def test_compiled_grouped_wgrad_matches_the_float64_product():
 
 
 @pytest.mark.gpu
-def test_grouped_fp8_experts_on_cuda_match_the_cpu_reference_path():
-    device = _fp8_gpu()
+def test_grouped_fp8_experts_on_cuda_match_the_cpu_reference_path(fp8_cuda):
+    device = fp8_cuda
     data = _experts_data([300, 0, 1000, 129, 57, 700], 1024, 384, seed=3)
     cpu = _forward_backward(grouped_fp8_experts, data)
     gpu = _forward_backward(grouped_fp8_experts, {k: v.to(device) for k, v in data.items()})
@@ -466,8 +458,8 @@ def test_grouped_fp8_experts_on_cuda_match_the_cpu_reference_path():
 
 
 @pytest.mark.gpu
-def test_grouped_fp8_experts_on_cuda_never_synchronize_with_the_host():
-    device = _fp8_gpu()
+def test_grouped_fp8_experts_on_cuda_never_synchronize_with_the_host(fp8_cuda):
+    device = fp8_cuda
     data = {k: v.to(device) for k, v in _experts_data([300, 0, 1000, 129], 512, 256).items()}
     _forward_backward(grouped_fp8_experts, data)  # autotuning benchmarks (and syncs) once
     torch.cuda.synchronize()

@@ -234,22 +234,14 @@ def test_fp8_benchmark_k1_smoke_runs_on_the_cpu_and_writes_its_json(tmp_path):
 
 
 # ----------------------------------------------------------------- on CUDA
-def _hopper_gpu() -> torch.device:
-    device = torch.device("cuda")
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        pytest.skip(f"{torch.cuda.get_device_name(device)} is not sm_90+ (TMA, wgmma)")
-    pytest.importorskip("triton")
-    return device
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", [(4096, 2112, 7168), (64, 7168, 2048), (1000, 576, 304),
                                    (1000, 576, 300)])
 @pytest.mark.parametrize("b_tiles", ["128x128", "1x128"])
-def test_compiled_hopper_gemm_matches_the_float64_dequantized_product(M, N, K, b_tiles):
+def test_compiled_hopper_gemm_matches_the_float64_dequantized_product(M, N, K, b_tiles, hopper_cuda):
     from dsv3lite.fp8.hopper_gemm import fp8_gemm_hopper
 
-    operands = _operands(M, N, K, b_tiles, _hopper_gpu())
+    operands = _operands(M, N, K, b_tiles, hopper_cuda)
     exact = _exact(*operands, b_tiles)
     assert _rel(fp8_gemm_hopper(*operands, torch.float32), exact) <= promoted_gemm_tolerance()
     bf16 = fp8_gemm_hopper(*operands, torch.bfloat16)
@@ -259,10 +251,10 @@ def test_compiled_hopper_gemm_matches_the_float64_dequantized_product(M, N, K, b
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backends.BACKENDS)
 @pytest.mark.parametrize("tokens", [1024, 700])
-def test_fp8_linear_backend_on_cuda_matches_the_cpu_reference(backend, tokens):
+def test_fp8_linear_backend_on_cuda_matches_the_cpu_reference(backend, tokens, hopper_cuda):
     """Fprop, Dgrad and Wgrad of every backend against the CPU reference path (700
     tokens: Wgrad's K is not whole 128-tiles, the fast paths hand it on)."""
-    device = _hopper_gpu()
+    device = hopper_cuda
     if backend == "scaled_mm" and not backends.has_blockwise_scaled_mm():
         pytest.skip(f"torch {torch.__version__} has no blockwise scaled_mm")
     cpu = FP8Linear(1024, 768, bias=False)

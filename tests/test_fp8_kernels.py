@@ -252,21 +252,13 @@ def test_interpreted_fp8_gemm_matches_the_float64_dequantized_product(interprete
 
 
 # ----------------------------------------------------------------- compiled, on CUDA
-def _fp8_gpu() -> torch.device:
-    device = torch.device("cuda")
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        pytest.skip(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (sm_89+)")
-    pytest.importorskip("triton")
-    return device
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,fmt", QUANT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_quantizers_match_the_reference_bit_for_bit(kind, fmt, dtype):
+def test_compiled_quantizers_match_the_reference_bit_for_bit(kind, fmt, dtype, fp8_cuda):
     from dsv3lite.fp8 import kernels
 
-    x = _wide_range(1000, 4200, seed=5).to(device=_fp8_gpu(), dtype=dtype)
+    x = _wide_range(1000, 4200, seed=5).to(device=fp8_cuda, dtype=dtype)
     q, s = _quantize(kind, fmt, x, kernels)
     q_ref, s_ref = _quantize(kind, fmt, x)
     assert torch.equal(s, s_ref)
@@ -276,11 +268,11 @@ def test_compiled_quantizers_match_the_reference_bit_for_bit(kind, fmt, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,fmt", QUANT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_quantizers_pass_nan_and_inf_as_the_reference_does(kind, fmt, dtype):
+def test_compiled_quantizers_pass_nan_and_inf_as_the_reference_does(kind, fmt, dtype, fp8_cuda):
     """Compiled, NaN-dropping max/min would show here: bytes equal except NaN signs."""
     from dsv3lite.fp8 import kernels
 
-    x = _with_specials(_wide_range(1000, 4200, seed=11)).to(device=_fp8_gpu(), dtype=dtype)
+    x = _with_specials(_wide_range(1000, 4200, seed=11)).to(device=fp8_cuda, dtype=dtype)
     q, s = _quantize(kind, fmt, x, kernels)
     q_ref, s_ref = _quantize(kind, fmt, x)
     q, q_ref = q.view(torch.uint8), q_ref.view(torch.uint8)
@@ -290,10 +282,10 @@ def test_compiled_quantizers_pass_nan_and_inf_as_the_reference_does(kind, fmt, d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_compiled_weight_dequant_matches_the_reference(out_dtype):
+def test_compiled_weight_dequant_matches_the_reference(out_dtype, fp8_cuda):
     from dsv3lite.fp8 import kernels
 
-    q, s = weight_quant_ref(_wide_range(1000, 4200, seed=6).to(_fp8_gpu()))
+    q, s = weight_quant_ref(_wide_range(1000, 4200, seed=6).to(fp8_cuda))
     assert torch.equal(kernels.weight_dequant_triton(q, s, out_dtype),
                        weight_dequant_ref(q, s, out_dtype))
 
@@ -301,10 +293,10 @@ def test_compiled_weight_dequant_matches_the_reference(out_dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", [(4096, 2112, 7168), (64, 7168, 2048), (1000, 576, 300)])
 @pytest.mark.parametrize("b_tiles", ["128x128", "1x128"])
-def test_compiled_fp8_gemm_matches_the_float64_dequantized_product(M, N, K, b_tiles):
+def test_compiled_fp8_gemm_matches_the_float64_dequantized_product(M, N, K, b_tiles, fp8_cuda):
     from dsv3lite.fp8 import kernels
 
-    device = _fp8_gpu()
+    device = fp8_cuda
     a_q, a_s = act_quant_ref(torch.randn(M, K, device=device))
     b = torch.randn(N, K, device=device)
     b_q, b_s = weight_quant_ref(b) if b_tiles == "128x128" else act_quant_ref(b)
@@ -319,10 +311,10 @@ def test_compiled_fp8_gemm_matches_the_float64_dequantized_product(M, N, K, b_ti
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", [None, "ue8m0"])
-def test_compiled_both_tilings_in_one_pass_match_the_reference_bit_for_bit(fmt):
+def test_compiled_both_tilings_in_one_pass_match_the_reference_bit_for_bit(fmt, fp8_cuda):
     from dsv3lite.fp8 import kernels
 
-    x = _wide_range(1000, 4200, seed=7).to(device=_fp8_gpu(), dtype=torch.bfloat16)
+    x = _wide_range(1000, 4200, seed=7).to(device=fp8_cuda, dtype=torch.bfloat16)
     ours = kernels.act_quant_both_triton(x, fmt)
     reference = (*act_quant_ref(x, fmt), *act_quant_ref(x, fmt, True))
     for got, want in zip(ours, reference):
@@ -332,8 +324,8 @@ def test_compiled_both_tilings_in_one_pass_match_the_reference_bit_for_bit(fmt):
 
 
 @pytest.mark.gpu
-def test_fp8_linear_on_cuda_matches_the_cpu_reference_path():
-    device = _fp8_gpu()
+def test_fp8_linear_on_cuda_matches_the_cpu_reference_path(fp8_cuda):
+    device = fp8_cuda
     assert use_triton(torch.empty(1, device=device))
     cpu = FP8Linear(1024, 768, bias=False)
     gpu = FP8Linear(1024, 768, bias=False).to(device)
