@@ -74,6 +74,23 @@ def test_build_report_lists_each_chapter_with_its_run_time(built_book):
     assert "\u2705" not in page  # no emoji: offline fonts may not have it
 
 
+@pytest.mark.book
+def test_the_api_reference_documents_the_public_api_and_chapters_link_to_it(built_book):
+    """Reference: one page per public module with each public name's entry (signature
+    included); a chapter's first mention of a name links to that entry."""
+    returncode, log, html = built_book
+    assert returncode == 0, log
+    model = (html / "book" / "reference" / "dsv3lite.model.html").read_text()
+    for anchor in ("dsv3lite.model.Transformer", "dsv3lite.model.Transformer.forward",
+                   "dsv3lite.model.ModelOutput", "dsv3lite.model.convert_to_fp8"):
+        assert f'id="{anchor}"' in model, anchor
+    assert "Tensor" in model  # the signatures show their type hints
+    tour = (html / "notebooks" / "00_model_tour.html").read_text()
+    assert "../book/reference/dsv3lite.config.html#dsv3lite.config.ModelArgs" in tour
+    reference_pages = [n for n in _toc_files() if n.startswith("book/reference/")]
+    assert len(reference_pages) > 40  # the browser test below opens each of them
+
+
 _CHECK_PAGE = r"""async () => {
     const images = Array.from(document.images);
     images.forEach(img => { img.loading = "eager"; });
