@@ -41,6 +41,7 @@ def test_a_package_page_links_its_reexports_to_their_home():
 
 def _build(tmp_path: Path, module_source: str, page: str) -> subprocess.CompletedProcess:
     """A strict Sphinx build of one page with this book's extension and reference settings."""
+    pytest.importorskip("sphinx")  # the book's dependency (not in make floor-test's venv)
     (tmp_path / "pkg_under_test.py").write_text(textwrap.dedent(module_source))
     (tmp_path / "conf.py").write_text(textwrap.dedent(f"""
         import sys
