@@ -42,6 +42,7 @@ class ParamCount:
 
     @property
     def total_with_mtp(self) -> int:
+        """Main-model plus MTP-module parameters (685B for V3: what was released)."""
         return self.total + self.mtp[0]
 
     def rows(self) -> list[tuple[str, int, int]]:
@@ -88,7 +89,7 @@ def count_params(args: ModelArgs) -> ParamCount:
     emb = args.vocab_size * args.dim
     comps: dict[str, list[int]] = {"embedding": [emb, emb]}
 
-    def add(parts: dict[str, tuple[int, int]], into: dict[str, list[int]]):
+    def add(parts: dict[str, tuple[int, int]], into: dict[str, list[int]]) -> None:
         for name, (t, a) in parts.items():
             into.setdefault(name, [0, 0])
             into[name][0] += t

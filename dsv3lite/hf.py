@@ -84,7 +84,7 @@ import contextlib
 import math
 import re
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import torch
 
@@ -136,9 +136,9 @@ def to_hf_config(args: ModelArgs) -> DeepseekV3Config:
     """The ``DeepseekV3Config`` describing the main model of ``args``.
 
     Args:
-        args: Our hyperparameters. The MTP and training-only fields (``n_mtp_depth``,
-            ``mtp_lambda``, ``balance_loss_alpha``, ``bias_update_speed``) have no HF
-            counterpart and are dropped.
+        - args: Our hyperparameters. The MTP and training-only fields (``n_mtp_depth``,
+          ``mtp_lambda``, ``balance_loss_alpha``, ``bias_update_speed``) have no HF
+          counterpart and are dropped.
 
     Returns:
         A config with sigmoid routing, normalised top-K gates, interleaved RoPE, no
@@ -146,8 +146,8 @@ def to_hf_config(args: ModelArgs) -> DeepseekV3Config:
         exactly when ``args.max_seq_len > args.original_seq_len``.
 
     Raises:
-        ValueError: If HF's DeepSeek-V3 cannot express ``args`` (groups of fewer than 2
-            routed experts; YaRN with a zero ``beta_fast``/``beta_slow``).
+        - ValueError: If HF's DeepSeek-V3 cannot express ``args`` (groups of fewer than 2
+          routed experts; YaRN with a zero ``beta_fast``/``beta_slow``).
     """
     has_moe = args.n_routed_experts > 0 and args.n_layers > args.n_dense_layers
     if has_moe and args.n_routed_experts // args.n_expert_groups < 2:
@@ -213,7 +213,7 @@ def to_hf_config(args: ModelArgs) -> DeepseekV3Config:
     )
 
 
-def _reject(field: str, value: Any, allowed: str) -> None:
+def _reject(field: str, value: Any, allowed: str) -> NoReturn:
     raise ValueError(f"unsupported DeepseekV3Config: {field}={value!r}; {allowed}")
 
 
@@ -234,7 +234,10 @@ def _rope_fields(config: DeepseekV3Config) -> dict[str, Any]:
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         _reject("rope_parameters['partial_rotary_factor']", rope["partial_rotary_factor"],
                 "allowed: 1.0 (all qk_rope_head_dim dims rotate)")
-    fields: dict[str, Any] = {"rope_theta": float(rope["rope_theta"])}
+    theta = rope["rope_theta"]
+    if theta is None:  # RopeParameters allows None; float(None) would fail unexplained
+        _reject("rope_parameters['rope_theta']", theta, "a number is required")
+    fields: dict[str, Any] = {"rope_theta": float(theta)}
     default_original = ModelArgs.original_seq_len
     if rope_type == "default":
         # Keep YaRN off on our side: original_seq_len must not be below max_seq_len.
@@ -284,11 +287,11 @@ def from_hf_config(config: DeepseekV3Config) -> ModelArgs:
         is raised to ``max_seq_len`` if needed so that plain RoPE stays plain.
 
     Raises:
-        ValueError: Naming the config field, its value and what is allowed, if the config
-            asks for something dsv3lite does not implement (softmax scoring, un-normalised
-            top-K gates, attention biases, non-interleaved RoPE, a RoPE type other than
-            default/yarn, grouped KV heads, another activation, ...), or if the mapped
-            values are invalid ModelArgs.
+        - ValueError: Naming the config field, its value and what is allowed, if the config
+          asks for something dsv3lite does not implement (softmax scoring, un-normalised
+          top-K gates, attention biases, non-interleaved RoPE, a RoPE type other than
+          default/yarn, grouped KV heads, another activation, ...), or if the mapped
+          values are invalid ModelArgs.
     """
     model_type = getattr(config, "model_type", None)
     if model_type != "deepseek_v3":
@@ -359,7 +362,7 @@ def _moe_layers(args: ModelArgs) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -413,11 +416,11 @@ def to_hf(model: Transformer, *, attn_implementation: str = "eager",
     changes to either model do not affect the other.
 
     Args:
-        model: Our model (any device; the copy is made on the same device).
-        attn_implementation: HF attention kernel; ``"eager"`` (default) is deterministic
-            and available everywhere, ``"sdpa"`` is faster.
-        experts_implementation: HF MoE kernel; ``"eager"`` (default) loops over experts
-            like ours.
+        - model: Our model (any device; the copy is made on the same device).
+        - attn_implementation: HF attention kernel; ``"eager"`` (default) is deterministic
+          and available everywhere, ``"sdpa"`` is faster.
+        - experts_implementation: HF MoE kernel; ``"eager"`` (default) loops over experts
+          like ours.
 
     Returns:
         The HF model in eval mode, in the dtype of ``model.embed.weight`` (fp32 for a
@@ -445,8 +448,8 @@ def from_hf(hf_model: DeepseekV3ForCausalLM) -> Transformer:
     """Our :class:`~dsv3lite.Transformer` with the weights of a ``DeepseekV3ForCausalLM``.
 
     Args:
-        hf_model: The HF model; its config must be one dsv3lite implements (see
-            :func:`from_hf_config`).
+        - hf_model: The HF model; its config must be one dsv3lite implements (see
+          :func:`from_hf_config`).
 
     Returns:
         A new model in eval mode without MTP modules (``n_mtp_depth=0``), with copied
@@ -454,9 +457,9 @@ def from_hf(hf_model: DeepseekV3ForCausalLM) -> Transformer:
         stay fp32. ``e_score_correction_bias`` becomes ``ffn.gate.balancer.bias``.
 
     Raises:
-        ValueError: For an unsupported configuration, naming the field, its value and what
-            is allowed.
-        TypeError: If ``hf_model`` is not a causal LM (it needs ``lm_head``).
+        - ValueError: For an unsupported configuration, naming the field, its value and
+          what is allowed.
+        - TypeError: If ``hf_model`` is not a causal LM (it needs ``lm_head``).
     """
     if not hasattr(hf_model, "lm_head") or not hasattr(hf_model, "config"):
         raise TypeError(f"expected a DeepseekV3ForCausalLM, got {type(hf_model).__name__}")
@@ -466,6 +469,7 @@ def from_hf(hf_model: DeepseekV3ForCausalLM) -> Transformer:
                       f"eps={_HF_LATENT_NORM_EPS}, our q_norm/kv_norm will use {args.norm_eps}",
                       stacklevel=2)
     weight = hf_model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor), "an embedding's weight is a Parameter"
     with _default_dtype(weight.dtype), torch.device(weight.device):
         model = Transformer(args)
     for moe in model.moe_layers():

@@ -21,6 +21,8 @@ numbers from seeded runs.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +52,8 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype):
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int, dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)
             n = hc.shape[0]
@@ -69,7 +72,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx: Any, grad_loss: torch.Tensor
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None, None, None]:
         hc, wc, safe, valid, lse, n_valid = ctx.saved_tensors
         chunk, n = ctx.chunk, hc.shape[0]
         # d loss / d logit = (softmax - one_hot) * grad / n_valid on valid rows, 0 elsewhere
@@ -84,12 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, safe[s:s + chunk, None],
                                -torch.ones_like(g[:, :1]))
                 g = (g * row_scale[s:s + chunk, None]).to(hc.dtype)
-                if need_h:
+                if dh is not None:  # need_h
                     dh[s:s + chunk] = g @ wc
-                if need_w:
+                if dw is not None:  # need_w
                     dw += (g.t() @ h_c).float()
-        dh = dh.to(ctx.h_dtype) if need_h else None
-        dw = dw.to(ctx.w_dtype) if need_w else None
+        dh = dh.to(ctx.h_dtype) if dh is not None else None
+        dw = dw.to(ctx.w_dtype) if dw is not None else None
         return dh, dw, None, None, None
 
 
@@ -98,12 +102,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """Mean cross-entropy of ``F.linear(h, weight)`` against ``targets``, in chunks.
 
     Args:
-        h: (..., d) final hidden states (after the last norm).
-        weight: (vocab, d) output-head weight.
-        targets: (...) token ids matching h's leading dims; ``IGNORE_INDEX`` (-100) is
-            skipped. The mean runs over the other targets (NaN if there are none, like
-            ``F.cross_entropy``).
-        chunk_size: Tokens whose logits exist at one time (forward and backward).
+        - h: (..., d) final hidden states (after the last norm).
+        - weight: (vocab, d) output-head weight.
+        - targets: (...) token ids matching h's leading dims; ``IGNORE_INDEX`` (-100) is
+          skipped. The mean runs over the other targets (NaN if there are none, like
+          ``F.cross_entropy``).
+        - chunk_size: Tokens whose logits exist at one time (forward and backward).
 
     Returns:
         A scalar FP32 loss. Under autocast the GEMMs run in the autocast dtype; the

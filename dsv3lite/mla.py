@@ -34,6 +34,9 @@ from .rope import apply_rope, softmax_scale
 
 __all__ = ["MLA", "LatentKVCache", "AttnImpl", "causal_attention"]
 
+#: How decoding attends over the latent cache: ``"naive"`` up-projects every cached latent
+#: to per-head keys and values each step, ``"absorbed"`` folds W^UK and W^UV into the
+#: query and output and attends on the latents directly (the same function).
 AttnImpl = Literal["naive", "absorbed"]
 ATTN_IMPLS = ("naive", "absorbed")
 
@@ -52,7 +55,8 @@ class LatentKVCache:
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: Optional[int] = None,
-                 n_layers: Optional[int] = None, device=None, dtype=torch.float32):
+                 n_layers: Optional[int] = None, device: Optional[torch.device | str] = None,
+                 dtype: torch.dtype = torch.float32):
         max_len = args.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= args.max_seq_len:
             raise ValueError(f"max_len={max_len} is invalid: must be between 1 and "
@@ -70,6 +74,7 @@ class LatentKVCache:
 
     @property
     def n_layers(self) -> int:
+        """Attention layers the cache holds latents for."""
         return len(self.kv)
 
     def elements_per_token_per_layer(self) -> int:
@@ -129,7 +134,8 @@ class MLA(nn.Module):
                             self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
 
-    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head queries split into (q_nope, q_pe), each (B, T, H, ·); q_pe rotated."""
         if self.q_lora_rank == 0:
             q = self.wq(x)
@@ -139,13 +145,15 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached quantities: kv_norm(c^KV) (B, T, d_c) and RoPE(k^R) (B, T, d_h^R)."""
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one k^R for all heads
         return self.kv_norm(kv), k_pe
 
-    def up_project(self, kv: torch.Tensor, k_pe: torch.Tensor):
+    def up_project(self, kv: torch.Tensor, k_pe: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys (B, T, H, qk_head_dim) and values (B, T, H, v_head_dim), Eqs. 2-5."""
         kv = self.wkv_b(kv).unflatten(-1, (self.n_heads, self.qk_nope_head_dim + self.v_head_dim))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -158,13 +166,13 @@ class MLA(nn.Module):
         """Attention output for x.
 
         Args:
-            x: (B, T, dim) hidden states.
-            cos, sin: RoPE tables for positions ``start_pos .. start_pos + T``.
-            cache: None for training / prefill without a cache; otherwise the latent cache,
-                into which this call writes positions ``start_pos .. start_pos + T``.
-            layer_id: Which layer of ``cache`` this module owns.
-            start_pos: Position of x's first token.
-            attn_impl: ``"naive"`` or ``"absorbed"`` (used only with a cache).
+            - x: (B, T, dim) hidden states.
+            - cos, sin: RoPE tables for positions ``start_pos .. start_pos + T``.
+            - cache: None for training / prefill without a cache; otherwise the latent cache,
+              into which this call writes positions ``start_pos .. start_pos + T``.
+            - layer_id: Which layer of ``cache`` this module owns.
+            - start_pos: Position of x's first token.
+            - attn_impl: ``"naive"`` or ``"absorbed"`` (used only with a cache).
 
         Returns:
             (B, T, dim).

@@ -14,7 +14,7 @@ builds them so from the start).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,20 +50,23 @@ class LossBreakdown:
     total: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
+        """The four parts as Python floats, keyed by name (for logging; reads them back)."""
         return {name: float(getattr(self, name).detach()) for name in ("main", "mtp", "balance", "total")}
 
 
 @dataclass
 class ModelOutput:
-    """Attributes:
-        logits: (B, T, vocab_size) next-token logits (None with ``return_logits=False``).
-        loss: The loss parts when targets were given, else None.
-        hidden: (B, T, dim) last block's output before the final norm (h^0 for MTP).
-        expert_counts: (n_moe_layers, n_routed_experts) int64 tokens routed to each
-            expert of each MoE layer in this pass, one row per layer of
-            :meth:`Transformer.moe_layers` (main layers, then the MTP blocks'); the rows
-            of layers that did not run (MTP without targets or with a cache) are zero.
-            Sum them over a step's passes for :meth:`Transformer.update_balance_biases`.
+    """What :meth:`Transformer.forward` returns.
+
+    Attributes:
+        - logits: (B, T, vocab_size) next-token logits (None with ``return_logits=False``).
+        - loss: The loss parts when targets were given, else None.
+        - hidden: (B, T, dim) last block's output before the final norm (h^0 for MTP).
+        - expert_counts: (n_moe_layers, n_routed_experts) int64 tokens routed to each
+          expert of each MoE layer in this pass, one row per layer of
+          :meth:`Transformer.moe_layers` (main layers, then the MTP blocks'); the rows
+          of layers that did not run (MTP without targets or with a cache) are zero.
+          Sum them over a step's passes for :meth:`Transformer.update_balance_biases`.
     """
 
     logits: Optional[torch.Tensor]
@@ -74,6 +77,11 @@ class ModelOutput:
 
 class Transformer(nn.Module):
     """A DeepSeek-V3-style language model built from :class:`~dsv3lite.ModelArgs`."""
+
+    #: (max_seq_len, qk_rope_head_dim / 2) RoPE cosine table, a non-persistent buffer.
+    rope_cos: torch.Tensor
+    #: The matching sine table, (max_seq_len, qk_rope_head_dim / 2).
+    rope_sin: torch.Tensor
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -107,14 +115,14 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def update_balance_biases(self, counts: torch.Tensor, gamma: Optional[float] = None,
-                              sync: bool = True) -> list:
+                              sync: bool = True) -> list[Union[float, torch.Tensor]]:
         """Apply the bias update to every MoE layer after an optimizer step.
 
         Args:
-            counts: (n_moe_layers, n_routed_experts) tokens per expert over the step:
-                :attr:`ModelOutput.expert_counts`, summed over the step's forward passes.
-            gamma: Bias update speed γ (default ``args.bias_update_speed``).
-            sync: Return floats (True) or 0-dim device tensors, read nothing back (False).
+            - counts: (n_moe_layers, n_routed_experts) tokens per expert over the step:
+              :attr:`ModelOutput.expert_counts`, summed over the step's forward passes.
+            - gamma: Bias update speed γ (default ``args.bias_update_speed``).
+            - sync: Return floats (True) or 0-dim device tensors, read nothing back (False).
 
         Returns:
             MaxVio of each MoE layer over the step's tokens.
@@ -149,16 +157,16 @@ class Transformer(nn.Module):
         """Run the model.
 
         Args:
-            tokens: (B, T) token ids.
-            targets: (B, T) next-token ids (-100 = ignore); enables the loss breakdown.
-            cache: A latent cache for incremental decoding (positions ``start_pos ..``).
-            start_pos: Position of ``tokens[:, 0]`` (only with a cache).
-            attn_impl: ``"naive"`` or ``"absorbed"`` decode attention (only with a cache).
-            mtp_lambda: λ for this step (default ``args.mtp_lambda``).
-            return_logits: With targets, False skips the (B, T, vocab) logits: the losses
-                then go through :func:`~dsv3lite.losses.linear_cross_entropy`, which never
-                holds more than a chunk of them (``logits`` is None in the output). Same
-                loss up to rounding; the trainer uses it on CUDA.
+            - tokens: (B, T) token ids.
+            - targets: (B, T) next-token ids (-100 = ignore); enables the loss breakdown.
+            - cache: A latent cache for incremental decoding (positions ``start_pos ..``).
+            - start_pos: Position of ``tokens[:, 0]`` (only with a cache).
+            - attn_impl: ``"naive"`` or ``"absorbed"`` decode attention (only with a cache).
+            - mtp_lambda: λ for this step (default ``args.mtp_lambda``).
+            - return_logits: With targets, False skips the (B, T, vocab) logits: the losses
+              then go through :func:`~dsv3lite.losses.linear_cross_entropy`, which never
+              holds more than a chunk of them (``logits`` is None in the output). Same
+              loss up to rounding; the trainer uses it on CUDA.
 
         Returns:
             :class:`ModelOutput`.
@@ -221,7 +229,7 @@ class Transformer(nn.Module):
             ``routing``, then the MTP blocks'.
         """
         fused = logits is None  # chunked head + loss (forward's return_logits=False)
-        if fused:
+        if logits is None:
             main = linear_cross_entropy(self.norm(h), self.head.weight, targets)
         else:
             main = _cross_entropy(logits, targets)
@@ -278,7 +286,7 @@ class Transformer(nn.Module):
                 break
             h, stats = module(h[:, :n], self.embed(tokens[:, k:]),
                               self.rope_cos[:n], self.rope_sin[:n])
-            out.append(module.norm(h))
+            out.append(module.norm(h))  # type: ignore[operator]  # ModuleList items are nn.Module
             if stats is not None:
                 routing.append(stats)
         return out, routing

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,8 @@ __all__ = ["MLP", "Gate", "BiasBalancer", "GroupedExperts", "MoE", "RoutingStats
            "EXPERT_PATHS", "expert_path", "grouped_mm_without_sync", "max_violation",
            "sequence_balance_loss"]
 
+#: The values of ``ModelArgs.moe_impl``: ``"grouped"`` runs the routed experts without a
+#: host sync (:func:`expert_path` picks how), ``"loop"`` one expert at a time (the reference).
 MOE_IMPLS = ("grouped", "loop")
 EXPERT_PATHS = ("grouped_mm", "segments", "fp8_grouped", "loop")
 """The computations :meth:`GroupedExperts.forward` can run; :func:`expert_path` picks one."""
@@ -58,6 +60,7 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN output (..., dim) for tokens ``x`` (..., dim)."""
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -95,13 +98,13 @@ def expert_path(impl: str, fp8: bool, device: torch.device, dtype: torch.dtype, 
       input's own precision (:meth:`GroupedExperts.forward`).
 
     Args:
-        impl: ``"grouped"`` or ``"loop"`` (``ModelArgs.moe_impl``).
-        fp8: Whether the experts run in FP8.
-        device, dtype: Where the tokens are and the dtype the GEMMs run in (the
-            autocast dtype when autocast is on).
-        fp8_kernels: Whether the FP8 Triton kernels run on ``device``
-            (:func:`~dsv3lite.fp8.use_triton`).
-        compiling: Whether this is traced by ``torch.compile``.
+        - impl: ``"grouped"`` or ``"loop"`` (``ModelArgs.moe_impl``).
+        - fp8: Whether the experts run in FP8.
+        - device, dtype: Where the tokens are and the dtype the GEMMs run in (the
+          autocast dtype when autocast is on).
+        - fp8_kernels: Whether the FP8 Triton kernels run on ``device``
+          (:func:`~dsv3lite.fp8.use_triton`).
+        - compiling: Whether this is traced by ``torch.compile``.
     """
     if impl not in MOE_IMPLS:
         raise ValueError(f"impl={impl!r} is invalid: choose one of {', '.join(MOE_IMPLS)}")
@@ -132,10 +135,10 @@ class RoutingStats:
     """What one MoE layer's forward pass reports besides its output.
 
     Attributes:
-        counts: (N_r,) int64 tokens routed to each expert (a token counts once for each
-            of its K experts), on the layer's device.
-        balance_loss: The sequence-wise balance loss of this pass (a scalar with
-            gradient) in training mode, None in eval mode.
+        - counts: (N_r,) int64 tokens routed to each expert (a token counts once for each
+          of its K experts), on the layer's device.
+        - balance_loss: The sequence-wise balance loss of this pass (a scalar with
+          gradient) in training mode, None in eval mode.
     """
 
     counts: torch.Tensor
@@ -150,6 +153,9 @@ class BiasBalancer(nn.Module):
     counts of the step's forward passes (summed by the caller) and applies
     b_i += γ·sign(mean(c) − c_i).
     """
+
+    #: (n_experts,) float32 routing bias b, a buffer (registered in ``__init__``).
+    bias: torch.Tensor
 
     def __init__(self, n_experts: int):
         super().__init__()
@@ -177,11 +183,11 @@ class BiasBalancer(nn.Module):
         Experts exactly at the mean are left alone.
 
         Args:
-            counts: (N_r,) tokens each expert received over the step (any real dtype):
-                :attr:`RoutingStats.counts`, summed over the step's forward passes.
-            gamma: Bias update speed γ >= 0 (0 only measures).
-            sync: With False nothing is read back to the host: MaxVio is returned as a
-                0-dim tensor on the bias's device.
+            - counts: (N_r,) tokens each expert received over the step (any real dtype):
+              :attr:`RoutingStats.counts`, summed over the step's forward passes.
+            - gamma: Bias update speed γ >= 0 (0 only measures).
+            - sync: With False nothing is read back to the host: MaxVio is returned as a
+              0-dim tensor on the bias's device.
 
         Returns:
             MaxVio of ``counts`` ([LF] Eq. 4), a float (``sync``) or a 0-dim tensor.
@@ -238,7 +244,7 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
         self.balancer = BiasBalancer(args.n_routed_experts)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route tokens.
 
         Args:
@@ -306,7 +312,8 @@ class GroupedExperts(nn.Module):
         self.register_load_state_dict_pre_hook(GroupedExperts._stack_per_expert_keys)
 
     @staticmethod
-    def _stack_per_expert_keys(module, state_dict, prefix, *args) -> None:
+    def _stack_per_expert_keys(module: GroupedExperts, state_dict: dict[str, torch.Tensor],
+                               prefix: str, *args: Any) -> None:
         if f"{prefix}0.w1.weight" not in state_dict:
             return
         for name in ("w1", "w2", "w3"):

@@ -2,7 +2,7 @@
 
 V3 adds D sequential modules (D = 1). Module k predicts the token k+1 places ahead while
 keeping the full causal chain: at position i it combines the previous depth's hidden
-state h^{k-1}_i with the embedding of token t_{i+k},
+state h^{k-1}_i with the embedding of token t_{i+k}::
 
     h'^k_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]          (Eq. 21)
     h^k    = TRM_k(h'^k)   over the shortened sequence               (Eq. 22)
@@ -56,14 +56,14 @@ class MTPModule(nn.Module):
         """h^k for the positions of ``h_prev``, and the routing stats of the block's MoE.
 
         Args:
-            h_prev: (B, T', dim) hidden states h^{k-1} for positions
-                ``start_pos .. start_pos + T'-1`` (0 .. T'-1 without a cache).
-            next_embeddings: (B, T', dim) Emb(t_{i+k}) for the same positions.
-            cos, sin: RoPE tables for the same positions.
-            cache: Optional one-layer latent cache of this module's own block, for
-                incremental drafting (:mod:`dsv3lite.generate`); layer 0 is used.
-            start_pos: Position of ``h_prev[:, 0]`` (only with a cache).
-            attn_impl: ``"naive"`` or ``"absorbed"`` decode attention (only with a cache).
+            - h_prev: (B, T', dim) hidden states h^{k-1} for positions
+              ``start_pos .. start_pos + T'-1`` (0 .. T'-1 without a cache).
+            - next_embeddings: (B, T', dim) Emb(t_{i+k}) for the same positions.
+            - cos, sin: RoPE tables for the same positions.
+            - cache: Optional one-layer latent cache of this module's own block, for
+              incremental drafting (:mod:`dsv3lite.generate`); layer 0 is used.
+            - start_pos: Position of ``h_prev[:, 0]`` (only with a cache).
+            - attn_impl: ``"naive"`` or ``"absorbed"`` decode attention (only with a cache).
 
         Returns:
             ``(h, stats)``: (B, T', dim) h^k (before the final norm, so depth k+1 can

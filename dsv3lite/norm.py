@@ -17,6 +17,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` (..., dim) over its last dimension and scale by the gain.
+
+        Computed in fp32; the result, of the same shape, is cast back to ``x``'s dtype.
+        """
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)

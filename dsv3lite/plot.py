@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -20,6 +20,10 @@ import numpy as np
 # here: `import dsv3lite` loads this module, and pyplot alone adds a few tenths of a
 # second to every import of the package, plotting or not. Only these third-party
 # imports wait; the package's own imports stay at the top (tests/test_architecture.py).
+# So matplotlib's objects (axes, figures) and IPython's HTML are typed Any here: naming
+# their classes would need those imports (a TYPE_CHECKING-only import leaves the API
+# reference's signatures unresolved). A pipeline Timeline is Any too: plot sits below
+# dsv3lite.pipeline in the layers and cannot import it.
 
 __all__ = ["read_metrics", "plot_run", "latest_results", "plot_fp8_gemm", "plot_timeline",
            "slider_frames"]
@@ -35,7 +39,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_run(path: str | Path, label: Optional[str] = None, axes=None):
+def plot_run(path: str | Path, label: Optional[str] = None,
+             axes: Optional[Sequence[Any]] = None) -> Any:
     """Loss and MaxVio curves of one run; pass ``axes`` (two of them) to overlay runs.
 
     Returns:
@@ -85,7 +90,7 @@ def latest_results(area: str, folder: str | Path = "benchmarks/results") -> Opti
     return files[-1] if files else None
 
 
-def plot_fp8_gemm(results: str | Path | dict, ax=None):
+def plot_fp8_gemm(results: str | Path | dict[str, Any], ax: Any = None) -> Any:
     """TFLOPS of every GEMM shape in a ``benchmarks/fp8.py`` results file.
 
     One group of bars per (M, N, K): our Triton ``fp8_gemm``, the cuBLAS blockwise peer
@@ -100,9 +105,9 @@ def plot_fp8_gemm(results: str | Path | dict, ax=None):
     """
     import matplotlib.pyplot as plt
 
-    if not isinstance(results, dict):
-        results = json.loads(Path(results).read_text())
-    rows = results.get("gemm", []) + results.get("wgrad_gemm", [])
+    data: dict[str, Any] = (results if isinstance(results, dict)
+                            else json.loads(Path(results).read_text()))
+    rows = data.get("gemm", []) + data.get("wgrad_gemm", [])
     if not rows:
         raise ValueError("results has no 'gemm' rows: is it a benchmarks/fp8.py file?")
     if ax is None:
@@ -118,8 +123,8 @@ def plot_fp8_gemm(results: str | Path | dict, ax=None):
              for r in rows]
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize="small")
     ax.set(ylabel="TFLOP/s", xlabel="GEMM shape M×N×K",
-           title=f"block-scaled FP8 GEMM on {results.get('device', '?')} "
-                 f"(torch {results.get('torch', '?')}, triton {results.get('triton', '?')})")
+           title=f"block-scaled FP8 GEMM on {data.get('device', '?')} "
+                 f"(torch {data.get('torch', '?')}, triton {data.get('triton', '?')})")
     ax.legend(fontsize="small")
     ax.figure.tight_layout()
     return ax.figure
@@ -130,7 +135,8 @@ _PIPE_COLORS = {("F", 0): "#9ecae1", ("B", 0): "#3182bd", ("F", 1): "#fdd0a2",
                 ("B", 1): "#e6550d", ("W", 0): "#c7e9c0", ("W", 1): "#c7e9c0"}
 
 
-def plot_timeline(timeline, ax=None, title: Optional[str] = None, labels: bool = True):
+def plot_timeline(timeline: Any, ax: Any = None, title: Optional[str] = None,
+                  labels: bool = True) -> Any:
     """Draw a pipeline timeline like [V3] Fig. 5: ranks as rows, time to the right.
 
     Each op is a box numbered with its micro-batch: forwards light, backwards dark, in
@@ -140,11 +146,11 @@ def plot_timeline(timeline, ax=None, title: Optional[str] = None, labels: bool =
     in the bottom half.
 
     Args:
-        timeline: A :class:`dsv3lite.pipeline.Timeline` (from ``simulate`` or from an
-            executor result's ``timeline()``).
-        ax: A matplotlib axes to draw on (a new figure if None).
-        title: Axes title (default: the schedule, ranks and micro-batches).
-        labels: Write the micro-batch numbers in the boxes.
+        - timeline: A :class:`dsv3lite.pipeline.Timeline` (from ``simulate`` or from an
+          executor result's ``timeline()``).
+        - ax: A matplotlib axes to draw on (a new figure if None).
+        - title: Axes title (default: the schedule, ranks and micro-batches).
+        - labels: Write the micro-batch numbers in the boxes.
 
     Returns:
         The matplotlib figure.
@@ -203,7 +209,8 @@ def plot_timeline(timeline, ax=None, title: Optional[str] = None, labels: bool =
     return fig
 
 
-def slider_frames(draw, values, *, label: str, figsize=(6.5, 3.6), interval: int = 700):
+def slider_frames(draw: Callable[[float, Any], object], values: Iterable[float], *, label: str,
+                  figsize: tuple[float, float] = (6.5, 3.6), interval: int = 700) -> Any:
     """A slider that works without a kernel: one precomputed frame per value.
 
     The ipywidgets sliders of the chapters need a running kernel; a rendered page has

@@ -18,7 +18,11 @@ import torch
 __all__ = ["TORCH_FLOOR", "TRANSFORMERS_FLOOR", "parse_version", "check_torch",
            "check_transformers"]
 
+#: The oldest torch release dsv3lite runs on (the ``torch>=`` floor of ``pyproject.toml``);
+#: :func:`check_torch` enforces it when the package is imported.
 TORCH_FLOOR = "2.9"
+#: The oldest transformers release the optional HF bridge (:mod:`dsv3lite.hf`) runs on;
+#: :func:`check_transformers` enforces it when the bridge is imported.
 TRANSFORMERS_FLOOR = "5.0"
 
 
