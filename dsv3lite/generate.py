@@ -49,7 +49,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence, cast
 
 import torch
 
@@ -57,6 +57,7 @@ from .checkpoint import latest_checkpoint, load_model
 from .data import EOT, load_tokenizer
 from .mla import ATTN_IMPLS, AttnImpl, LatentKVCache
 from .model import Transformer
+from .mtp import MTPModule
 
 __all__ = ["GenerationResult", "generate", "main"]
 
@@ -67,11 +68,16 @@ class GenerationResult:
 
     Attributes:
         tokens: The new tokens (the prompt excluded), at most ``max_new_tokens``.
+
         n_forward_passes: Forward passes of the main model, the prefill included.
+
         drafted: Draft tokens proposed by the MTP module (0 for plain decoding).
+
         accepted: Drafts the main model confirmed. Without an early stop at ``eos_id``,
             ``len(tokens) == n_forward_passes + accepted``.
+
         seconds: Wall-clock time of the whole call.
+
         draft_log: (position, token) of every draft, position counted from the
             prompt's first token, for inspection and tests.
     """
@@ -96,7 +102,7 @@ class GenerationResult:
         return len(self.tokens) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _prompt_list(prompt_ids, vocab_size: int) -> list[int]:
+def _prompt_list(prompt_ids: Sequence[int] | torch.Tensor, vocab_size: int) -> list[int]:
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
             prompt_ids = prompt_ids[0]
@@ -169,7 +175,7 @@ class _Drafter:
     def __init__(self, model: Transformer, max_len: int, attn_impl: AttnImpl):
         weight = model.embed.weight
         self.model = model
-        self.module = model.mtp[0]
+        self.module = cast(MTPModule, model.mtp[0])  # an nn.ModuleList of MTPModules
         self.cache = LatentKVCache(model.args, 1, max_len, n_layers=1,
                                    device=weight.device, dtype=weight.dtype)
         self.attn_impl = attn_impl
@@ -204,14 +210,22 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
 
     Args:
         model: The model (set to eval mode for the call, restored afterwards).
+
         prompt_ids: The prompt, a list of ids, a (T,) or a (1, T) tensor. Batch size 1.
+
         max_new_tokens: Tokens to generate. The prompt plus these must fit
             ``args.max_seq_len``, otherwise a ValueError is raised before any work.
+
         temperature: Softmax temperature; 0 means greedy (argmax).
+
         top_k: Sample only among the ``top_k`` most likely tokens (None = all).
+
         speculative: Draft with the MTP module and verify two tokens per pass.
+
         attn_impl: ``"absorbed"`` (default) or ``"naive"`` cached attention.
+
         generator: Random generator for reproducible sampling.
+
         eos_id: Stop after producing this token (it is included in ``tokens``).
 
     Returns:
@@ -245,10 +259,12 @@ def _decode(model: Transformer, prompt: list[int], max_new_tokens: int, temperat
     drafter = _Drafter(model, total, attn_impl) if speculative else None
     seq = list(prompt)  # invariant: the main cache holds positions 0 .. len(seq)-2
 
-    def run(tokens: list[int], start_pos: int):
+    def run(tokens: list[int], start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the main model: (1, n, vocab) logits, (1, n, dim) hidden states."""
         result.n_forward_passes += 1
-        return model(torch.tensor([tokens], device=device), cache=cache,
-                     start_pos=start_pos, attn_impl=attn_impl)
+        out = model(torch.tensor([tokens], device=device), cache=cache,
+                    start_pos=start_pos, attn_impl=attn_impl)
+        return out.logits, out.hidden
 
     def emit(token: int) -> bool:
         """Append a token; True when generation must stop."""
@@ -256,28 +272,28 @@ def _decode(model: Transformer, prompt: list[int], max_new_tokens: int, temperat
         result.tokens.append(token)
         return token == eos_id or len(result.tokens) == max_new_tokens
 
-    out = run(prompt, 0)  # prefill
+    logits, hidden = run(prompt, 0)  # prefill
     if drafter is not None:
-        drafter.add(out.hidden)  # h_0 .. h_{P-1}
-    done = emit(_pick(out.logits[0, -1], temperature, top_k, generator))
+        drafter.add(hidden)  # h_0 .. h_{P-1}
+    done = emit(_pick(logits[0, -1], temperature, top_k, generator))
     while not done:
         pos = len(seq) - 1  # position of the last token, not yet in the main cache
         if drafter is None or max_new_tokens - len(result.tokens) < 2:
-            out = run([seq[-1]], pos)
-            done = emit(_pick(out.logits[0, 0], temperature, top_k, generator))
+            logits, _ = run([seq[-1]], pos)
+            done = emit(_pick(logits[0, 0], temperature, top_k, generator))
             continue
         draft = drafter.draft(seq)
         result.drafted += 1
         result.draft_log.append((pos + 1, draft))
-        out = run([seq[-1], draft], pos)  # verify: positions pos, pos + 1
-        token = _pick(out.logits[0, 0], temperature, top_k, generator)
+        logits, hidden = run([seq[-1], draft], pos)  # verify: positions pos, pos + 1
+        token = _pick(logits[0, 0], temperature, top_k, generator)
         if token != draft:  # rejected: the draft's latent at pos + 1 is stale, unread
-            drafter.add(out.hidden[:, :1])
+            drafter.add(hidden[:, :1])
             done = emit(token)
             continue
         result.accepted += 1
-        drafter.add(out.hidden)  # both positions are verified now
-        done = emit(token) or emit(_pick(out.logits[0, 1], temperature, top_k, generator))
+        drafter.add(hidden)  # both positions are verified now
+        done = emit(token) or emit(_pick(logits[0, 1], temperature, top_k, generator))
     result.seconds = time.perf_counter() - start_time
     return result
 
@@ -288,7 +304,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
         raise _UsageError(message)
 
 

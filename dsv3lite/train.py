@@ -26,9 +26,10 @@ import math
 import random
 import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -46,12 +47,14 @@ __all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "mtp_lambda_at", "gam
 
 
 
-def _tiny_for_training(**overrides) -> ModelArgs:
+def _tiny_for_training(**overrides: Any) -> ModelArgs:
     # byte-level BPE needs more than 256 ids (256 bytes + end-of-text), so the tiny preset
     # trains with a 512-token vocabulary
     return ModelArgs.tiny(**{"vocab_size": 512, **overrides})
 
 
+#: Model presets by name: each maps to a function ``(**overrides) -> ModelArgs``;
+#: ``"tiny"`` uses a 512-token vocabulary (byte-level BPE needs more than 256 ids).
 PRESETS = {"tiny": _tiny_for_training, "small": ModelArgs.small, "h100": ModelArgs.h100,
            "h100_1b": ModelArgs.h100_1b}
 
@@ -69,21 +72,34 @@ class TrainConfig:
 
     Attributes:
         preset: Model preset: "tiny", "small", "h100" or "h100_1b".
+
         steps: Optimizer steps of the whole run (schedules are scaled to it).
+
         out: Run folder for metrics.jsonl and checkpoints.
+
         corpus: "shakespeare", "stdlib" or a folder of .txt files.
+
         batch_size, seq_len: Sequences per step and their length (<= the model's max_seq_len).
+
         lr, min_lr_ratio, warmup_steps: Peak learning rate, final/peak ratio, warmup steps.
+
         lr_schedule: "cosine" (warmup, then cosine to ``min_lr_ratio`` over the rest) or
             "v3" (the paper's phases, see the module docstring; :func:`lr_at`).
+
         weight_decay, beta1, beta2, grad_clip: AdamW and clipping ([V3] §4.2).
+
         mtp_lambda, mtp_lambda_late, mtp_switch: λ, its later value, and the run fraction
             at which it switches (10/14.8 in V3).
+
         gamma, gamma_stop: bias update speed γ and the run fraction after which it is 0.
+
         log_interval, eval_interval, eval_batches: Logging and validation cadence.
+
         ckpt_interval: Steps between checkpoints (the last step is always saved).
+
         stop_after: Stop (and checkpoint) after this many steps of this call, e.g. to
             split a run in two; resume with ``resume=True``.
+
         seed, device, compile, data_dir, model_overrides: The rest.
     """
 
@@ -118,12 +134,24 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
 
     def model_args(self) -> ModelArgs:
+        """The model's hyperparameters: :data:`PRESETS` ``[preset]`` with
+        ``model_overrides`` applied.
+
+        Raises:
+            ValueError: if ``preset`` is not in :data:`PRESETS`.
+        """
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is invalid: choose one of "
                              f"{sorted(PRESETS)}")
         return PRESETS[self.preset](**self.model_overrides)
 
     def validate(self, args: ModelArgs) -> None:
+        """Check the run against the model ``args`` it trains: counts and intervals
+        >= 1, ``seq_len <= args.max_seq_len``, ``lr > 0``, a known ``lr_schedule``.
+
+        Raises:
+            ValueError: naming the first invalid field and why.
+        """
         for name in ("steps", "batch_size", "seq_len", "log_interval", "eval_interval",
                      "eval_batches", "ckpt_interval"):
             if getattr(self, name) < 1:
@@ -210,7 +238,9 @@ def flops_per_token(args: ModelArgs, seq_len: int, mtp: bool = False) -> float:
 
     Args:
         args: The model's hyperparameters.
+
         seq_len: Tokens per sequence T (attention grows with it).
+
         mtp: Also count the ``args.n_mtp_depth`` MTP modules ([V3] §2.2), which training
             runs on every token: per depth its block's activated parameters, its
             projection ``eh_proj`` and norms (``count_params(args).mtp``), a second pass
@@ -265,7 +295,9 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list, device: torch.device, autocast) -> dict:
+def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
+             ) -> dict[str, float]:
     """Mean loss parts over fixed validation batches (eval mode, no balance loss)."""
     was_training = model.training
     model.eval()
@@ -296,8 +328,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     Args:
         cfg: The run. With ``resume=True`` the model, optimizer, RNG and step come from the
             latest checkpoint in ``cfg.out``, and the run continues to ``cfg.steps``.
+
         resume: Continue from ``cfg.out``'s latest checkpoint.
+
         progress: Show a tqdm progress bar.
+
         model: Train this model instead of building ``cfg.preset`` (for experiments that
             modify a model, e.g. swap its attention); its ``args`` are used. It is
             trained in place.
@@ -334,7 +369,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                    for _ in range(cfg.eval_batches)]
     use_cuda = device.type == "cuda"
 
-    def autocast():
+    def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda)
 
     step_fn = torch.compile(model) if (cfg.compile and use_cuda) else model
@@ -346,7 +381,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         metrics_file.write_text("")
         val = evaluate(model, val_batches, device, autocast)
         _append(metrics_file, {"step": 0, "tokens": 0, "val": val})
-    val: dict = {}
+    val = {}
     window = {"main": 0.0, "mtp": 0.0, "balance": 0.0, "total": 0.0, "n": 0}
     t_window, tok_window = time.perf_counter(), 0
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress,

@@ -17,7 +17,7 @@ FP32 registers on the CUDA cores, multiply in the two scales of that 128-wide K-
 and add it to an FP32 accumulator. ``fp8_gemm`` does exactly this, one 128-wide
 ``tl.dot`` per K-block (:mod:`dsv3lite.fp8.kernels`).
 
-This module models one output element as the hardware adds it:
+This module models one output element as the hardware adds it::
 
     for each instruction (32 products p_1..p_32) with running sum a:
         E = exponent of max(|a|, |p_1|, ..., |p_32|)
@@ -67,7 +67,7 @@ def truncate_aligned(terms: torch.Tensor, bits: int) -> torch.Tensor:
 
     Returns:
         Tensor like ``terms``: each value truncated toward zero to a multiple of
-        2^(E - bits + 1), where 2^E <= max |term| < 2^(E+1) along the last dim.
+        2^(E - bits + 1), where ``2^E <= max |term| < 2^(E+1)`` along the last dim.
     """
     largest = terms.abs().amax(dim=-1, keepdim=True)
     _, exponent = torch.frexp(largest)  # largest = m · 2^exponent, m in [0.5, 1): E = exponent-1
@@ -83,11 +83,14 @@ def limited_precision_matmul(a: torch.Tensor, b: torch.Tensor,
 
     Args:
         a: (M, K) values (e.g. E4M3 values as floats); b: (N, K).
+
         accumulator_bits: Bits kept per accumulation step (14 on Hopper); ``None``
             means an exact accumulator.
+
         promote_every: Add the tensor-core partial sum into an exact accumulator and
             restart it every this many K-elements (a multiple of ``mma_k``; 128 in V3).
             ``None``: never, one accumulator runs over all of K.
+
         mma_k: Products added per instruction (32 for FP8 ``wgmma``).
 
     Returns:
@@ -172,6 +175,7 @@ def promoted_gemm_tolerance(accumulator_bits: int = HOPPER_ACCUMULATOR_BITS,
 
     Args:
         accumulator_bits: Bits the tensor cores keep (14 on Hopper, [V3] §3.3.2).
+
         same_sign: Whether the operands may be all of one sign; the mixed-sign bound
             does not hold for them.
 

@@ -45,6 +45,8 @@ from .reference import (BLOCK_SIZE, ceil_div, check_gemm_operands, fp8_gemm_ref,
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "check_backend", "default_backend", "fp8_backend",
            "block_scaled_gemm", "has_blockwise_scaled_mm"]
 
+#: The names of the block-scaled GEMM backends: ``"triton"`` (sm_89+, the default),
+#: ``"hopper"`` (TMA, sm_90+) and ``"scaled_mm"`` (cuBLASLt blockwise, sm_90+).
 BACKENDS = ("triton", "hopper", "scaled_mm")
 DEFAULT_BACKEND = "triton"
 """The default: the Triton kernel measured correct on a GPU; the others are unmeasured."""

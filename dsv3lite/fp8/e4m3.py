@@ -35,14 +35,15 @@ E4M3_MIN_SUBNORMAL = 2.0 ** -9
 
 
 def e4m3_spacing(x: torch.Tensor) -> torch.Tensor:
-    """Gap between the E4M3 values that surround each element of ``x`` (|x| <= 448).
+    """Gap between the E4M3 values that surround each element of ``x`` (``|x| <= 448``).
 
     Args:
         x: Any real tensor, in the *scaled* domain (what gets cast to E4M3).
 
     Returns:
-        Tensor like ``x`` (fp32 or wider): 2^(floor(log2|x|) - 3) for |x| >= 2^-6 and
-        2^-9 for the subnormal range. Rounding to nearest errs by at most half of it.
+        Tensor like ``x`` (fp32 or wider): ``2^(floor(log2|x|) - 3)`` for
+        ``|x| >= 2^-6`` and 2^-9 for the subnormal range. Rounding to nearest errs by at
+        most half of it.
     """
     magnitude = x.abs().float() if x.dtype.itemsize < 4 else x.abs()
     _, exponent = torch.frexp(magnitude)  # magnitude = m · 2^exponent, m in [0.5, 1)

@@ -28,7 +28,7 @@ public names of the three parts are importable from here too.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,8 @@ def _quantized_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _grouped_fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor,
-                   ends: torch.Tensor, out_dtype: torch.dtype):
+                   ends: torch.Tensor, out_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fprop for all experts from x's 1x128 tiles: (M, N) output, plus the quantized
     weights for Dgrad."""
     w_q, w_s = _quantized_experts(weight)  # 128x128 blocks, every expert at once
@@ -175,7 +176,7 @@ class _GroupedFP8LinearFunction(torch.autograd.Function):
     """y[e-rows] = x[e-rows] W[e]^T with Fprop, Dgrad and Wgrad as grouped FP8 GEMMs."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor,
                 ends: torch.Tensor) -> torch.Tensor:
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # 128x1 tiles of the padded x: segments are 128-aligned, so per expert these are
@@ -192,7 +193,7 @@ class _GroupedFP8LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         xt_q, xt_s, w_q, w_s, ends = ctx.saved_tensors
         dx = dw = None
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -222,7 +223,9 @@ def grouped_fp8_linear(x_padded: torch.Tensor, w: torch.Tensor,
     Args:
         x_padded: (M, K) high-precision rows in 128-aligned segments with zero padding
             rows (:func:`~dsv3lite.fp8.segments.pad_segments`); the padding must stay zero.
+
         w: (E, N, K) high-precision (master) weights, expert e's like ``nn.Linear.weight``.
+
         ends: (E,) segment ends (pad_segments' padded_ends), on x_padded's device.
 
     Returns:
@@ -252,7 +255,9 @@ def grouped_fp8_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor,
     Args:
         x: (N, dim) tokens sorted by expert (expert 0's first), as
             :class:`~dsv3lite.moe.GroupedExperts` receives them.
+
         counts: (E,) tokens per expert, on x's device (never read by the host).
+
         w1, w3: (E, inter_dim, dim) and w2 (E, dim, inter_dim) master weights.
 
     Returns:

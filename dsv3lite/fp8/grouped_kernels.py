@@ -1,3 +1,6 @@
+# mypy: disable-error-code="no-untyped-def"
+# (the @triton.jit kernels here annotate only their tl.constexpr parameters, as Triton
+# wants: hints on the others would change how Triton specializes them)
 """Triton kernels of the grouped FP8 GEMMs: all routed experts in one launch ([V3] §3.3).
 
 Written like :mod:`dsv3lite.fp8.kernels`' GEMM (one FP8 ``tl.dot`` per 128-wide K-block,
@@ -20,7 +23,7 @@ A raw count in an autotuning key would re-benchmark every kernel configuration f
 new value; the keys hold it rounded up to a power of 2 and capped (as
 ``_GEMM_AUTOTUNE_KEY`` in :mod:`dsv3lite.fp8.kernels` does).
 
-Triton is imported only when a Triton kernel is first needed (:func:`_triton_kernels`):
+Triton is imported only when a Triton kernel is first needed (``_triton_kernels``):
 on a CUDA tensor for which :func:`~dsv3lite.fp8.ops.use_triton` holds, or in the
 interpreted tests. Importing this module never imports Triton.
 """
@@ -45,6 +48,8 @@ _GROUPED_GEMM_KEY = ["M_BUCKET", "N", "K", "E"]
 """Autotuning key of the Fprop/Dgrad kernel: M (padded tokens) only bucketed."""
 _GROUPED_WGRAD_KEY = ["T_BUCKET", "N", "K", "E"]
 """Autotuning key of the Wgrad kernel: T (padded tokens, its inner dim) only bucketed."""
+triton: Any  # the module, bound by _triton_kernels() on first use (optional dependency)
+tl: Any  # triton.language, bound there too
 GEMM_TILES = [(128, 128, 3, 8), (128, 128, 4, 8), (64, 128, 4, 4), (128, 64, 4, 4),
               (64, 64, 4, 4), (32, 128, 4, 4)]
 """(BLOCK_M, BLOCK_N, num_stages, num_warps) the Fprop/Dgrad autotuner may pick on CUDA.

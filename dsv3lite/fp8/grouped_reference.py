@@ -97,11 +97,16 @@ def grouped_fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor,
 
     Args:
         a: (M, K) E4M3 rows of all experts, expert e's in [ends[e-1], ends[e]).
+
         a_s: (M, ceil(K/128)) fp32 scales of a's 1x128 tiles, any strides (K-major too).
+
         b: (E, N, K) E4M3, one (N, K) matrix per expert (any strides: Dgrad passes
             the transposed weights as a view).
+
         b_s: (E, ceil(N/128), ceil(K/128)) fp32 scales of b's 128x128 blocks.
+
         ends: (E,) integer segment ends: non-decreasing multiples of 128, <= M.
+
         out_dtype: Result dtype; default ``torch.get_default_dtype()``.
 
     Returns:
@@ -126,8 +131,11 @@ def grouped_wgrad_ref(dy_t: torch.Tensor, dy_t_s: torch.Tensor, x_t: torch.Tenso
     Args:
         dy_t: (N, T) E4M3 output gradients, transposed (``act_quant(dy, transpose=True)``
             of the padded (T, N) gradient): the tokens run along the columns.
+
         dy_t_s: (N, ceil(T/128)) fp32 scales of its 128x1 token tiles.
+
         x_t: (K, T) E4M3 inputs, transposed the same way, with x_t_s (K, ceil(T/128)).
+
         ends: (E,) integer segment ends along T: non-decreasing multiples of 128, so
             that no token tile straddles two experts.
 

@@ -1,3 +1,6 @@
+# mypy: disable-error-code="no-untyped-def"
+# (the @triton.jit kernels here annotate only their tl.constexpr parameters, as Triton
+# wants: hints on the others would change how Triton specializes them)
 """The block-scaled FP8 GEMM, built for Hopper: TMA, a persistent grid, scales once per K block.
 
 Same contract as :func:`~dsv3lite.fp8.kernels.fp8_gemm_triton`, the readable kernel
@@ -109,7 +112,7 @@ def _hopper_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET
         c_desc.store([off_m, off_n], acc.to(c_ptr.dtype.element_ty))  # rows/cols past M, N dropped
 
 
-def _configs(shapes) -> list:
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages,
                           num_warps=warps) for bm, bn, stages, warps in shapes]
 
@@ -119,6 +122,8 @@ GEMM_CONFIGS = _configs([(128, 128, 3, 8), (128, 128, 4, 8), (128, 64, 4, 4), (6
 that a 128x128 block scale is one scalar per program and K block."""
 QUICK_CONFIGS = _configs([(128, 128, 4, 8)])
 """The one configuration tried when ``DSV3LITE_QUICK_AUTOTUNE=1``."""
+#: Kernel arguments whose values select a cached autotuning result: the bucketed M and K
+#: (next powers of 2), N, and whether the weight has one scale row per N block.
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "B_SCALE_ROWS"]
 INTERPRET_TILE = dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=2)
 """The fixed tile of the interpreter, which cannot autotune."""
@@ -154,8 +159,10 @@ def fp8_gemm_hopper(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
 
     Args:
         a: (..., K) E4M3 with a_s (..., ceil(K/128)) scales, any strides.
+
         b: (N, K) E4M3 with b_s (ceil(N/128), ceil(K/128)) (128x128 blocks) or
             (N, ceil(K/128)) (1x128 tiles, Wgrad).
+
         out_dtype: bf16 or fp32 (default ``torch.get_default_dtype()``).
 
     Returns:

@@ -1,3 +1,6 @@
+# mypy: disable-error-code="no-untyped-def"
+# (the @triton.jit kernels here annotate only their tl.constexpr parameters, as Triton
+# wants: hints on the others would change how Triton specializes them)
 """Triton kernels for fine-grained FP8: tile quantization, dequantization, block-scaled GEMM.
 
 The same four operations as :mod:`dsv3lite.fp8.reference` ([V3] §3.3), written

@@ -42,7 +42,7 @@ three run the reference.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ _weight_cache: Optional[dict] = None  # id(weight) -> entry, while fp8_weight_ca
 _hook = None  # the optimizer-step hook that empties the cache, registered on first use
 
 
-def _forget_weights(*_) -> None:
+def _forget_weights(*_: object) -> None:
     if _weight_cache is not None:
         _weight_cache.clear()
 
@@ -97,7 +97,10 @@ def _cache_entry(weight: torch.Tensor) -> Optional[dict]:
     return entry
 
 
-def quantized_weight(weight: torch.Tensor, quantize=None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantized_weight(
+        weight: torch.Tensor,
+        quantize: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize(weight)`` (default ``weight_quant``: W's 128x128 blocks), from the cache
     when :func:`fp8_weight_cache` is open and W has not changed since it was quantized.
     The grouped experts pass ``grouped_weight_quant`` for their stacked weights."""
@@ -122,7 +125,8 @@ def _transposed_blocks(weight: torch.Tensor, w_q: torch.Tensor,
 
 
 def _fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor,
-           bias: Optional[torch.Tensor], out_dtype: torch.dtype, backend: str):
+           bias: Optional[torch.Tensor], out_dtype: torch.dtype, backend: str
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fprop: (M, N) output from x's 1x128 tiles and W's 128x128 blocks, plus the
     blocks (Dgrad transposes them)."""
     w_q, w_s = quantized_weight(weight)
@@ -136,7 +140,7 @@ class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T (+ b) with the three GEMMs in FP8; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 backend: str) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K) tokens x in_features
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -152,7 +156,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         xt_q, xt_s, w_q, w_s = ctx.saved_tensors
         dy = grad_y.reshape(-1, grad_y.shape[-1])  # (M, N)
         dx = dw = db = None
@@ -181,8 +185,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     Args:
         x: (..., in_features) input.
+
         weight: (out_features, in_features) high-precision (master) weight.
+
         bias: Optional (out_features,) bias, added in high precision.
+
         backend: The GEMM on CUDA: "triton", "hopper" or "scaled_mm"
             (:mod:`dsv3lite.fp8.backends`); the CPU runs the reference for all three.
 
@@ -205,6 +212,7 @@ class FP8Linear(nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: As for ``nn.Linear``.
+
         backend: The GEMM it runs on CUDA ("triton", "hopper", "scaled_mm"); None takes
             :func:`~dsv3lite.fp8.backends.default_backend`, which ``with
             fp8_backend(...)`` sets for a whole model. Checked here: a bad name raises
@@ -212,14 +220,25 @@ class FP8Linear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None, dtype=None, backend: Optional[str] = None) -> None:
+                 device: torch.types.Device = None, dtype: Optional[torch.dtype] = None,
+                 backend: Optional[str] = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend = check_backend(default_backend() if backend is None else backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T (+ b)`` through :func:`fp8_linear` with this layer's backend.
+
+        Args:
+            x: (..., in_features) input.
+
+        Returns:
+            (..., out_features) in the autocast dtype if autocast is on, else x's dtype.
+        """
         return fp8_linear(x, self.weight, self.bias, self.backend)
 
     def extra_repr(self) -> str:
+        """``nn.Linear``'s description plus the backend, e.g. ``in_features=256,
+        out_features=512, bias=False, backend='triton'``."""
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
     @classmethod

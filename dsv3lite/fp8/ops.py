@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -121,8 +121,11 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: Optional
 
     Args:
         x: (..., K) tensor; the leading dims are tokens.
+
         block_size: Tile length; only 128 is supported.
+
         scale_fmt: ``None`` (s = amax / 448) or ``"ue8m0"`` (power-of-2 scales).
+
         transpose: False: 1x128 tiles, returns q (..., K) and s (..., ceil(K/128)).
             True: 128x1 tiles of the (M, K) token matrix, returned transposed and
             K-major for the weight-gradient GEMM: q (K, M) and s (K, ceil(M/128)).
@@ -196,9 +199,11 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 
     Args:
         a: (..., K) E4M3, with a_s (..., ceil(K/128)) scales of its 1x128 tiles.
+
         b: (N, K) E4M3 laid out like ``nn.Linear.weight``, with b_s either
             (ceil(N/128), ceil(K/128)) for 128x128 blocks or (N, ceil(K/128)) for 1x128
             tiles (the weight gradient's re-tiled activations).
+
         out_dtype: Result dtype (default ``torch.get_default_dtype()``); bf16 as in the
             paper, or fp32 for weight gradients.
 
@@ -299,7 +304,8 @@ def _fake_fp8_gemm(a, a_s, b, b_s, out_dtype):
     return a.new_empty((*a.shape[:-1], b.shape[0]), dtype=out_dtype)
 
 
-for _name, _schema, _real, _fake in [
+# (name, schema, real function, fake for tracing); typed so that mypy sees callables
+_CUSTOM_OPS: list[tuple[str, str, Callable[..., object], Callable[..., object]]] = [
         ("act_quant", "(Tensor x, str? scale_fmt, bool transpose) -> (Tensor, Tensor)",
          _act_quant, _fake_act_quant),
         ("act_quant_both", "(Tensor x, str? scale_fmt) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -309,6 +315,7 @@ for _name, _schema, _real, _fake in [
         ("weight_dequant", "(Tensor q, Tensor s, ScalarType out_dtype) -> Tensor",
          _weight_dequant, _fake_weight_dequant),
         ("fp8_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) "
-         "-> Tensor", _fp8_gemm, _fake_fp8_gemm)]:
+         "-> Tensor", _fp8_gemm, _fake_fp8_gemm)]
+for _name, _schema, _real, _fake in _CUSTOM_OPS:
     torch.library.custom_op(f"dsv3lite::{_name}", _real, mutates_args=(),
                             schema=_schema).register_fake(_fake)

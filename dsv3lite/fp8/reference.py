@@ -2,7 +2,7 @@
 
 E4M3 keeps only 3 mantissa bits (:mod:`dsv3lite.fp8.e4m3`), so one scale for a whole
 tensor lets a single outlier push every other value into the subnormals. DeepSeek-V3
-gives each small tile its own scale instead, computed online from the tile itself:
+gives each small tile its own scale instead, computed online from the tile itself::
 
     amax = max(|x_tile|, 1e-30)     s = amax / 448      q = E4M3(x_tile / s)
 
@@ -106,7 +106,7 @@ def tile_scale(amax: torch.Tensor, scale_fmt: Optional[str] = None) -> torch.Ten
     scales bit for bit.
 
     Args:
-        amax: fp32 tensor of per-tile max |x|.
+        amax: fp32 tensor of per-tile ``max |x|``.
         scale_fmt: ``None`` or ``"ue8m0"`` (round up to a power of 2).
 
     Returns:
@@ -123,8 +123,10 @@ def quantize_tiles(x: torch.Tensor, tile: tuple[int, int],
 
     Args:
         x: (R, C) float tensor.
+
         tile: (tile_rows, tile_cols), e.g. (1, 128), (128, 128), or (R, C) for one
             per-tensor scale. Partial tiles at the edges are zero-padded.
+
         scale_fmt: ``None`` or ``"ue8m0"`` (power-of-2 scales).
 
     Returns:
@@ -176,7 +178,9 @@ def act_quant_ref(x: torch.Tensor, scale_fmt: Optional[str] = None,
 
     Args:
         x: (..., K) activations or output gradients; leading dims are tokens.
+
         scale_fmt: ``None`` or ``"ue8m0"``.
+
         transpose: False: 1x128 tiles (one token, 128 channels), returns q like x and
             s (..., ceil(K/128)). True: 128x1 tiles (128 tokens, one channel) of the
             (M, K) token matrix, returned transposed so that the token axis is
@@ -214,7 +218,9 @@ def weight_dequant_ref(q: torch.Tensor, s: torch.Tensor,
 
     Args:
         q: (N, K) E4M3 weight.
+
         s: (ceil(N/128), ceil(K/128)) scales.
+
         out_dtype: Result dtype; default ``torch.get_default_dtype()`` as in the
             official code.
 
@@ -234,6 +240,7 @@ def check_gemm_operands(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor,
 
     Args:
         a: (..., K) E4M3, scaled in 1x128 tiles by a_s (..., ceil(K/128)).
+
         b: (N, K) E4M3, scaled either in 128x128 blocks by b_s (ceil(N/128), ceil(K/128))
             (a weight) or in 1x128 tiles by b_s (N, ceil(K/128)) (a re-tiled activation,
             for the weight gradient).

@@ -104,8 +104,10 @@ def pad_segments(x: torch.Tensor, counts: torch.Tensor,
 
     Args:
         x: (N, K) rows sorted by expert: counts[0] rows of expert 0, then expert 1's...
+
         counts: (E,) int32/int64 rows per expert, on x's device; must sum to N
             (checked only for CPU tensors, where it costs no synchronisation).
+
         align: Segment alignment; the grouped FP8 GEMMs need 128.
 
     Returns:

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 from ..checkpoint import CheckpointError, latest_checkpoint
 from .objective import LOSS_TYPES, SCALES
@@ -20,7 +20,7 @@ from .trainer import TASKS, GRPOConfig, train_grpo
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 

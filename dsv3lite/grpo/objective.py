@@ -20,7 +20,7 @@ TRL's ``GRPOTrainer`` definitions for token-level importance sampling without gr
 accumulation ([TRL] ``grpo_trainer.py``, ``_compute_loss``):
 
 - ``"grpo"``: each sequence's mean over its tokens, then the mean over sequences
-  (DeepSeekMath's 1/G Σ_i 1/|o_i| Σ_t); it weights a token of a short answer more;
+  (DeepSeekMath's ``1/G Σ_i 1/|o_i| Σ_t``); it weights a token of a short answer more;
 - ``"dr_grpo"``: the sum over all tokens / (B × max_completion_length) (Dr. GRPO);
 - ``"dapo"`` and ``"bnpo"``: the sum / the number of completion tokens in the batch.
   They are identical here, where one call sees the whole batch. In TRL they differ when
@@ -40,7 +40,11 @@ import torch
 __all__ = ["SCALES", "LOSS_TYPES", "group_advantages", "kl_k3", "grpo_loss",
            "clip_fraction"]
 
+#: How :func:`group_advantages` scales ``r - group mean``: by the group's std, the
+#: whole batch's std, or not at all (Dr. GRPO).
 SCALES = ("group", "batch", "none")
+#: How :func:`grpo_loss` reduces the per-token terms to one number (TRL's names; see
+#: the module docstring for each).
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 STD_EPS = 1e-4  # TRL's: (r - mean) / (std + 1e-4)
 
@@ -51,7 +55,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
     Args:
         rewards: (B,) rewards; each group's ``group_size`` completions are consecutive.
+
         group_size: G, completions per prompt.
+
         scale: ``"group"``: divide by (the group's std + 1e-4), Bessel-corrected;
             ``"batch"``: by (the whole batch's std + 1e-4); ``"none"``: only subtract the
             group mean (Dr. GRPO).
@@ -87,7 +93,8 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
-def _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs) -> None:
+def _check_shapes(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                  mask: torch.Tensor, ref_logprobs: Optional[torch.Tensor]) -> None:
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs has shape {tuple(logprobs.shape)}: expected (B, T)")
     for name, t in (("old_logprobs", old_logprobs), ("mask", mask),
@@ -123,14 +130,22 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 
     Args:
         logprobs: (B, T) log π_θ of each completion token (with gradient).
+
         old_logprobs: (B, T) log π_θold of the same tokens (the sampling policy).
+
         advantages: (B,) one advantage per sequence (:func:`group_advantages`).
+
         mask: (B, T) 1 for completion tokens, 0 for padding.
+
         ref_logprobs: (B, T) log π_ref, needed when ``beta > 0``.
+
         beta: KL coefficient β.
+
         epsilon, epsilon_high: Clip range [1 − ε, 1 + ε_high]; ε_high = ε unless given
             (None). Both must be >= 0.
+
         loss_type: ``"grpo"``, ``"dr_grpo"``, ``"dapo"`` or ``"bnpo"`` (module docstring).
+
         max_completion_length: The denominator's length for ``"dr_grpo"`` (default T).
 
     Returns:
@@ -151,7 +166,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     adv = advantages.to(logprobs.dtype).unsqueeze(1)                # (B, 1)
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv)
     per_token = -surrogate
-    if beta > 0:
+    if beta > 0 and ref_logprobs is not None:  # (None with beta > 0 was refused above)
         per_token = per_token + beta * kl_k3(logprobs, ref_logprobs)
     if loss_type == "grpo":
         per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)

@@ -14,7 +14,7 @@ one full forward pass, with gradient: that is the π_θ of the objective.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Literal, Optional, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,17 @@ class Rollout:
 
     Attributes:
         tokens: (N, P + T) prompts followed by completions (``pad_id`` after a stop).
+
         completions: (N, T) the completion part of ``tokens``.
+
         mask: (N, T) True for generated tokens, the stop token included.
+
         logprobs: (N, T) log-probability of each sampled token under the distribution
             it was drawn from: the tempered softmax, renormalised over the ``top_k``
             most likely tokens when ``top_k`` truncates it (0 where ``mask`` is False).
             Without truncation this is :func:`sequence_logprobs` at the same
             temperature; greedy decoding (temperature 0) records the untempered softmax.
+
         prompt_len: P.
     """
 
@@ -70,13 +74,20 @@ def sample(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, *,
 
     Args:
         model: The policy (set to eval mode for the call, restored afterwards).
+
         prompts: (N, P) token ids, all prompts of the same length P.
+
         max_new_tokens: Most tokens per completion; P + this must fit ``max_seq_len``.
+
         temperature: Softmax temperature (0 = greedy).
+
         top_k: Sample among the ``top_k`` most likely tokens only (None = all); the
             recorded log-probs are then those of the truncated distribution.
+
         stop_id: A sequence is finished after producing it (None: never).
+
         pad_id: Written after a sequence has finished.
+
         generator: Random generator for reproducible sampling.
 
     Returns:
@@ -140,6 +151,18 @@ def sample(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, *,
     return Rollout(torch.cat([prompts, completions], dim=1), completions, mask, logprobs, p)
 
 
+@overload
+def sequence_logprobs(model: Transformer, tokens: torch.Tensor, prompt_len: int,
+                      temperature: float = ..., *, with_counts: Literal[False] = ...
+                      ) -> torch.Tensor: ...
+
+
+@overload
+def sequence_logprobs(model: Transformer, tokens: torch.Tensor, prompt_len: int,
+                      temperature: float = ..., *, with_counts: Literal[True]
+                      ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def sequence_logprobs(model: Transformer, tokens: torch.Tensor, prompt_len: int,
                       temperature: float = 1.0, *, with_counts: bool = False
                       ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -147,9 +170,13 @@ def sequence_logprobs(model: Transformer, tokens: torch.Tensor, prompt_len: int,
 
     Args:
         model: The policy; runs in whatever mode it is in, with gradient if enabled.
+
         tokens: (N, P + T) prompts and completions (a :class:`Rollout`'s ``tokens``).
+
         prompt_len: P.
+
         temperature: The sampling temperature (the policy is the tempered softmax).
+
         with_counts: Also return the pass's expert counts
             (:attr:`~dsv3lite.model.ModelOutput.expert_counts`), for the bias update.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 
@@ -36,22 +37,28 @@ class CharTokenizer:
 
     PAD, EOS = 0, 1
 
-    def __init__(self, chars: str = "0123456789+= "):
+    def __init__(self, chars: str = "0123456789+= ") -> None:
         self.chars = chars
         self._ids = {c: i + 2 for i, c in enumerate(chars)}
 
     @property
     def vocab_size(self) -> int:
+        """Ids in use: one per character plus ``<pad>`` and ``<eos>``."""
         return len(self.chars) + 2
 
     def encode(self, text: str) -> list[int]:
+        """One id per character of ``text`` (no ``<eos>`` added).
+
+        Raises:
+            ValueError: if ``text`` has a character outside the tokenizer's.
+        """
         try:
             return [self._ids[c] for c in text]
         except KeyError as exc:
             raise ValueError(f"text={text!r} is invalid: character {exc.args[0]!r} is not "
                              f"in the tokenizer's {self.chars!r}") from None
 
-    def decode(self, ids, stop_at_eos: bool = True) -> str:
+    def decode(self, ids: Union[torch.Tensor, Sequence[int]], stop_at_eos: bool = True) -> str:
         """Characters of ``ids``; stops at ``<eos>`` and drops ``<pad>``."""
         out = []
         for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
@@ -78,7 +85,7 @@ class AdditionTask:
     format_weight: float = 0.1
     split_seed: int = 1234
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not 1 <= self.digits <= 4:
             raise ValueError(f"digits={self.digits} is invalid: must be between 1 and 4")
         if not 0 < self.held_out < 1:
@@ -86,10 +93,13 @@ class AdditionTask:
 
     @property
     def tokenizer(self) -> CharTokenizer:
+        """The task's tokenizer: digits, ``+``, ``=`` and space (a new, equal one each
+        time)."""
         return CharTokenizer()
 
     @property
     def prompt_len(self) -> int:
+        """Characters (= tokens) of every prompt: two padded operands, ``+`` and ``=``."""
         return 2 * self.digits + 2
 
     @property
@@ -118,6 +128,8 @@ class AdditionTask:
         return self._pairs("test")[:n]
 
     def prompt(self, a: int, b: int) -> str:
+        """The prompt for ``a + b``, operands right-aligned to ``digits``, e.g.
+        ``' 7+42='`` for two digits."""
         d = self.digits
         return f"{a:>{d}}+{b:>{d}}="
 

@@ -43,7 +43,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -58,6 +58,7 @@ from .task import AdditionTask
 
 __all__ = ["GRPOConfig", "GRPOResult", "TASKS", "evaluate", "warmup", "train_grpo"]
 
+#: The tasks a :class:`GRPOConfig` can name (``task``), each mapped to its class.
 TASKS = {"addition": AdditionTask}
 
 
@@ -67,26 +68,41 @@ class GRPOConfig:
 
     Attributes:
         task, digits: The verifiable task and its size.
+
         out: Run folder (metrics.jsonl, warmup/, checkpoints).
+
         steps: GRPO steps (one sampling round each).
+
         prompts_per_step, group_size: Prompts per step and G completions per prompt.
+
         mu: Updates per sampling round (μ; 1 makes ρ ≡ 1 in value, [Math] §4.2).
+
         lr: AdamW learning rate of the RL phase.
+
         beta, epsilon, epsilon_high: KL coefficient and clip range [1 − ε, 1 + ε_high]
             (ε_high = ε when None).
+
         loss_type, scale_rewards: See :func:`grpo_loss` and :func:`group_advantages`.
+
         temperature: Sampling temperature of the rollouts (the policy is the tempered
             softmax).
+
         shuffle_rewards: A control: permute the rewards across the batch before the
             advantages (module docstring).
+
         warmup_steps, warmup_lr, warmup_batch_size, warmup_target: The supervised
             warm-up: at most ``warmup_steps`` steps, stopped once the greedy held-out
             accuracy reaches ``warmup_target`` (checked every ``warmup_eval_interval``).
+
         eval_interval, eval_size: Held-out greedy accuracy every this many steps.
+
         ckpt_interval: Steps between checkpoints (the last step is always saved).
+
         stop_after: Stop (and checkpoint) after this many GRPO steps of this call.
+
         init_from: Start from this warm-up model (a run folder's ``warmup`` or any
             checkpoint) instead of warming up; runs with several seeds share one.
+
         seed, model_overrides: Seed of everything; changes to the model preset.
     """
 
@@ -119,6 +135,11 @@ class GRPOConfig:
     model_overrides: dict = field(default_factory=dict)
 
     def make_task(self) -> AdditionTask:
+        """A new instance of the task ``task`` names (:data:`TASKS`), of size ``digits``.
+
+        Raises:
+            ValueError: if ``task`` is not in :data:`TASKS`.
+        """
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} is invalid: choose one of {sorted(TASKS)}")
         return TASKS[self.task](digits=self.digits)
@@ -132,6 +153,12 @@ class GRPOConfig:
         return ModelArgs.tiny(**{**base, **self.model_overrides})
 
     def validate(self) -> None:
+        """Check every field (the task, counts >= 1, ``group_size >= 2``, the loss and
+        scaling names, positive rates and temperature, the clip range).
+
+        Raises:
+            ValueError: naming the first invalid field and why.
+        """
         self.make_task()
         for name in ("steps", "prompts_per_step", "mu", "warmup_batch_size", "eval_interval",
                      "eval_size", "ckpt_interval", "warmup_eval_interval"):
@@ -185,7 +212,7 @@ def evaluate(model: Transformer, task: AdditionTask, n: int = 256) -> float:
 
 
 def warmup(model: Transformer, task: AdditionTask, cfg: GRPOConfig, rng: random.Random,
-           log=None) -> tuple[float, int]:
+           log: Optional[Callable[[dict], None]] = None) -> tuple[float, int]:
     """Supervised warm-up until ``cfg.warmup_target`` held-out accuracy.
 
     Returns:
@@ -212,7 +239,8 @@ def warmup(model: Transformer, task: AdditionTask, cfg: GRPOConfig, rng: random.
     return accuracy, step
 
 
-def _sft_batch(task: AdditionTask, n: int, rng: random.Random):
+def _sft_batch(task: AdditionTask, n: int, rng: random.Random
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, targets) with the loss on the answer and the end token only."""
     tok = task.tokenizer
     width = task.prompt_len + task.max_completion_len

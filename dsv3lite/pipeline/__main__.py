@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 from .check import check
 from .schedules import SCHEDULES, build_schedule
@@ -22,7 +22,7 @@ from .simulate import simulate, table2_bubble
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -68,15 +68,17 @@ def make_microbatches(args: ModelArgs, n_microbatches: int, batch_size: int = 2,
     return [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
 
 
-def reference_step(model: Transformer, microbatches, *, gamma: Optional[float] = None
-                   ) -> PipelineResult:
+def reference_step(model: Transformer,
+                   microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                   gamma: Optional[float] = None) -> PipelineResult:
     """The same step in one process: each micro-batch forward and backward in turn, then
     the bias update (on a copy of ``model``). Threads are pinned to 1, like the ranks'."""
     model = copy.deepcopy(model).train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        losses, step_counts = [], 0
+        losses: list[Optional[dict[str, torch.Tensor]]] = []
+        step_counts = torch.zeros((), dtype=torch.long)  # + each batch's (n_moe, E) counts
         for tokens, targets in microbatches:
             out = model(tokens, targets)
             out.loss.total.backward()
@@ -136,11 +138,16 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every check passed: losses and forward-only losses bitwise equal,
+        gradients within :data:`GRAD_COS_DIFF_MAX`, the trace the schedule's, biases and
+        counts equal."""
         return (self.losses_bitwise_equal and self.max_grad_cal_diff < GRAD_COS_DIFF_MAX
                 and self.forward_only_losses_bitwise_equal and self.trace_matches_schedule
                 and self.biases_equal and self.counts_equal)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
+        """The report as a JSON-ready dict (the CLI prints it): every field but
+        ``pipeline``, plus ``"ok"``."""
         keys = ("schedule", "ranks", "microbatches", "losses_bitwise_equal",
                 "max_grad_cal_diff", "forward_only_losses_bitwise_equal",
                 "trace_matches_schedule", "biases_equal", "counts_equal", "wall_s")
@@ -150,8 +157,14 @@ class CheckReport:
 def trace_matches_schedule(result: PipelineResult) -> bool:
     """Every rank ran exactly its schedule's F, B and W parts, in order, on the
     micro-batches and stages the schedule names (and, if a forward-only step ran, its
-    forwards in the same order), and left no deferred weight gradient unrun."""
+    forwards in the same order), and left no deferred weight gradient unrun.
+
+    Raises:
+        ValueError: if ``result`` has no schedule (a :func:`reference_step` result).
+    """
     s = result.schedule
+    if s is None:
+        raise ValueError("result records no schedule (run_pipeline's results do)")
     ranks = range(s.n_ranks)
     train = result.trace_keys() == [s.part_keys(r) for r in ranks]
     forward = (result.forward_only_losses is None

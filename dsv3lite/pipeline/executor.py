@@ -45,7 +45,7 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -67,12 +67,16 @@ class Executed:
 
     Attributes:
         kind: ``"F"``, ``"B"`` or ``"W"``.
+
         stage: The stage module that ran (F, B) or that the popped closures belong to (W).
+
         batch: The micro-batch it computed on: for F, the one named by the activation it
             received (the token micro-batch on the first stage); for B, the one named by
             the gradient it received (its own loss on the last stage); for W, the label
             of the group of weight gradients it popped.
+
         deferred: For B: its Linears queued weight gradients for a later W.
+
         start, end: Seconds from the step's start (``time.perf_counter`` on the rank).
     """
 
@@ -93,19 +97,29 @@ class PipelineResult:
     """What :func:`run_pipeline` returns.
 
     Attributes:
-        losses: For each micro-batch (step order), its loss parts (main, mtp, balance, total).
+        losses: For each micro-batch (step order), its loss parts (main, mtp, balance, total);
+            None for one whose loss no rank recorded (a faulty run).
+
         grads: Every parameter's gradient, summed over ranks (mirrored copies included).
+
         biases: Every MoE layer's balancing bias after the step's bias update.
+
         counts: Every MoE layer's expert counts over the step, summed over ranks.
+
         trace: Per rank, the F, B and W parts it ran, in the order it ran them.
+
         orders: Per rank, the op strings the schedule asked for.
+
         forward_only_losses: The loss parts of the forward-only step (None: not run).
+
         forward_only_trace: Per rank, the forwards of that step.
+
         weight_grads_per_w: Per rank, how many Linear weight gradients each W op ran.
+
         weight_grads_left: Per rank, groups of deferred weight gradients no W ran.
     """
 
-    losses: list[dict[str, torch.Tensor]]
+    losses: list[Optional[dict[str, torch.Tensor]]]
     grads: dict[str, torch.Tensor]
     biases: dict[str, torch.Tensor]
     counts: dict[str, torch.Tensor]
@@ -113,7 +127,7 @@ class PipelineResult:
     orders: list[list[str]]
     schedule: Optional[Schedule] = None
     wall_s: float = 0.0
-    forward_only_losses: Optional[list[dict[str, torch.Tensor]]] = None
+    forward_only_losses: Optional[list[Optional[dict[str, torch.Tensor]]]] = None
     forward_only_trace: list[list[Executed]] = field(default_factory=list)
     weight_grads_per_w: list[list[int]] = field(default_factory=list)
     weight_grads_left: list[int] = field(default_factory=list)
@@ -123,19 +137,23 @@ class PipelineResult:
         trace = self.forward_only_trace if forward_only else self.trace
         return [[e.key() for e in rank] for rank in trace]
 
-    def timeline(self):
+    def timeline(self) -> Timeline:
         """The recorded trace as a :class:`~dsv3lite.pipeline.Timeline` (seconds), for
         :func:`~dsv3lite.plot.plot_timeline`: each op of the schedule spans the parts
         recorded for it.
 
         Raises:
-            ValueError: if the recorded parts are not the schedule's.
+            ValueError: if the recorded parts are not the schedule's, or no schedule was
+                recorded.
         """
-        for rank in range(self.schedule.n_ranks):
-            if self.trace_keys()[rank] != self.schedule.part_keys(rank):
+        schedule = self.schedule
+        if schedule is None:
+            raise ValueError("this result records no schedule: no timeline")
+        for rank in range(schedule.n_ranks):
+            if self.trace_keys()[rank] != schedule.part_keys(rank):
                 raise ValueError(f"rank {rank} ran other work than its schedule: no timeline")
         events = []
-        for r, (order, rank_trace) in enumerate(zip(self.schedule.orders, self.trace)):
+        for r, (order, rank_trace) in enumerate(zip(schedule.orders, self.trace)):
             i = 0
             for op in order:
                 n = len(op.parts())
@@ -143,8 +161,8 @@ class PipelineResult:
                 i += n
         makespan = max(e.end for e in events)
         busy = [sum(e.end - e.start for e in t) for t in self.trace]
-        return Timeline(self.schedule, events, makespan, busy, [makespan - b for b in busy],
-                        [], self.schedule.param_copies, {"unit": "seconds"})
+        return Timeline(schedule, events, makespan, busy, [makespan - b for b in busy],
+                        [], schedule.param_copies, {"unit": "seconds"})
 
 
 def _tag(stage: int, batch: int, n_microbatches: int, grad: bool, index: int,
@@ -157,7 +175,8 @@ class _Worker:
     """One rank's state while it runs its op list."""
 
     def __init__(self, rank: int, schedule: Schedule, model: Transformer,
-                 microbatches, progress_path: Optional[str], skip_at: Optional[int] = None):
+                 microbatches: list[tuple[torch.Tensor, torch.Tensor]],
+                 progress_path: Optional[str], skip_at: Optional[int] = None) -> None:
         self.rank, self.schedule, self.model = rank, schedule, model
         self.microbatches = microbatches
         self.stages = build_stages(model, schedule, rank)
@@ -203,7 +222,8 @@ class _Worker:
                                f"{sent_stage}, expected stage {src_stage}")
         return sent_batch, tensors
 
-    def _send(self, tensors, stage: int, batch: int, dst_stage: int, grad: bool) -> None:
+    def _send(self, tensors: Sequence[torch.Tensor], stage: int, batch: int, dst_stage: int,
+              grad: bool) -> None:
         header = torch.tensor([batch, stage])
         tensors = [t.detach().contiguous() for t in tensors]
         dst = self.schedule.stage_rank(dst_stage, batch)
@@ -230,6 +250,7 @@ class _Worker:
         if stage.is_last:
             tokens, targets = self.microbatches[b]
             out = stage.criterion(outputs, tokens, targets)
+            assert out.expert_counts is not None, "criterion returns the expert counts"
             self.losses[b] = out.loss
             self.counts = (out.expert_counts if self.counts is None
                            else self.counts + out.expert_counts)
@@ -244,8 +265,9 @@ class _Worker:
     def backward(self, op: Op) -> None:
         s = op.stage
         stage = self.stages[s]
+        grads: list[torch.Tensor] = []  # from the next stage (the last has its loss)
         if stage.is_last:
-            b, grads = op.batch, None
+            b = op.batch
         else:
             b, grads = self._recv(s, op.batch, s + 1, grad=True)
         start = time.perf_counter()
@@ -271,7 +293,8 @@ class _Worker:
 
     def weight(self) -> None:
         start = time.perf_counter()
-        (b, s), n = WEIGHT_GRADS.pop()
+        label, n = WEIGHT_GRADS.pop()
+        b, s = cast(tuple[int, int], label)  # backward flushes with label=(b, s)
         self.weight_grads_per_w.append(n)
         self.trace.append(Executed("W", s, b, False, start, time.perf_counter()))
 
@@ -311,7 +334,7 @@ def _worker_main(rank: int, world: int, workdir: str, timeout_s: float) -> None:
         model = Transformer(plan["args"]).train()
         model.load_state_dict(plan["state"])
         make_weight_grads_deferrable(model)
-        WEIGHT_GRADS.__init__()
+        WEIGHT_GRADS.reset()
         schedule = plan["schedule"]
         worker = _Worker(rank, schedule, model, plan["microbatches"],
                          os.path.join(workdir, f"rank{rank}.progress"),
@@ -384,12 +407,18 @@ def run_pipeline(schedule: Schedule, model: Transformer,
 
     Args:
         schedule: From :func:`~dsv3lite.pipeline.build_schedule`.
+
         model: The model whose weights every rank starts from (it is not modified).
+
         microbatches: ``schedule.n_microbatches`` (tokens, targets) pairs of one shape.
+
         gamma: Bias update speed for the step's update (default the model's).
+
         timeout_s: A rank that waits longer than this for a message fails the run; the
             whole run is stopped after about this long plus start-up.
+
         forward_only: Also run the forward-only step ([DP] examples' inference check).
+
         fault: For tests: ``{"rank": r, "at_op": i, "kind": "raise" | "hang" | "skip"}``;
             ``skip`` passes over op ``i`` of the training step as if it had run it.
 
@@ -418,10 +447,8 @@ def run_pipeline(schedule: Schedule, model: Transformer,
         outs = [torch.load(os.path.join(workdir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]
 
-    def gather(key: str) -> Optional[list[dict]]:
-        if outs[0][key] is None:
-            return None
-        losses: dict[int, dict] = {}
+    def gather(key: str) -> list[Optional[dict[str, torch.Tensor]]]:
+        losses: dict[int, dict[str, torch.Tensor]] = {}
         for out in outs:
             losses.update(out[key])
         return [losses.get(b) for b in range(schedule.n_microbatches)]
@@ -429,7 +456,8 @@ def run_pipeline(schedule: Schedule, model: Transformer,
     return PipelineResult(gather("losses"), outs[0]["grads"], outs[0]["biases"],
                           outs[0]["counts"], [out["trace"] for out in outs],
                           schedule.order_strings(), schedule, wall,
-                          gather("forward_only_losses"),
+                          None if outs[0]["forward_only_losses"] is None
+                          else gather("forward_only_losses"),
                           [out["forward_only_trace"] for out in outs],
                           [out["weight_grads_per_w"] for out in outs],
                           [out["weight_grads_left"] for out in outs])

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from multiprocessing.process import BaseProcess
+from typing import Callable, Optional, Sequence
 
 import torch.multiprocessing as mp
 
 __all__ = ["run_ranks"]
 
 
-def run_ranks(target, world: int, workdir: str, timeout_s: float, args: tuple = (),
-              label: str = "pipeline") -> float:
+def run_ranks(target: Callable[..., object], world: int, workdir: str, timeout_s: float,
+              args: tuple[object, ...] = (), label: str = "pipeline") -> float:
     """Run ``target(rank, *args)`` in ``world`` spawned processes and wait for them all.
 
     A rank that raises must write its traceback to ``workdir/rank{r}.err`` and exit
@@ -55,8 +56,8 @@ def run_ranks(target, world: int, workdir: str, timeout_s: float, args: tuple = 
     return time.perf_counter() - start
 
 
-def _failure_message(procs, workdir: str, failed: Optional[int], timeout_s: float,
-                     label: str) -> str:
+def _failure_message(procs: Sequence[BaseProcess], workdir: str, failed: Optional[int],
+                     timeout_s: float, label: str) -> str:
     def where(r: int) -> str:
         path = os.path.join(workdir, f"rank{r}.progress")
         return f" (at op {open(path).read()})" if os.path.exists(path) else ""

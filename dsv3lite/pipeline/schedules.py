@@ -33,6 +33,8 @@ from typing import Optional
 
 __all__ = ["Op", "Schedule", "build_schedule", "SCHEDULES"]
 
+#: The names :func:`build_schedule` accepts: 1F1B, ZB-H1 (``"zb1p"``), DualPipe and
+#: DualPipeV.
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
@@ -66,14 +68,19 @@ class Op:
 
     def parts(self) -> tuple["Op", ...]:
         """The F/B/W ops this op runs: itself, or an FB's forward and backward."""
-        return (self.forward, self.backward) if self.kind == "FB" else (self,)
+        if self.kind == "FB":
+            assert self.forward is not None and self.backward is not None, \
+                "an FB op pairs a forward and a backward"
+            return (self.forward, self.backward)
+        return (self,)
 
     def key(self) -> str:
         """The op by what it computes: ``F:s<stage>:m<batch>``, ``B:s..:m..`` (``:zb``
         when its weight gradient waits for a W), ``W:s..:m..``, ``FB(<F>|<B>)``. The
         executor's trace and the official orders (tests/fixtures) use the same form."""
         if self.kind == "FB":
-            return f"FB({self.forward.key()}|{self.backward.key()})"
+            forward, backward = self.parts()
+            return f"FB({forward.key()}|{backward.key()})"
         zb = ":zb" if self.kind == "B" and self.split else ""
         return f"{self.kind}:s{self.stage}:m{self.batch}{zb}"
 
@@ -140,7 +147,9 @@ def build_schedule(name: str, n_ranks: int, n_microbatches: int) -> Schedule:
 
     Args:
         name: ``"1f1b"``, ``"zb1p"``, ``"dualpipe"`` or ``"dualpipev"``.
+
         n_ranks: Pipeline ranks. DualPipe needs an even number; the others any >= 1.
+
         n_microbatches: Micro-batches per step. 1F1B and ZB1P need at least
             ``n_ranks``; DualPipe an even number >= 2·``n_ranks``; DualPipeV >= 2·``n_ranks``.
 

@@ -28,7 +28,7 @@ not simulated either: they follow from the schedule's definition
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .schedules import Op, Schedule, build_schedule
 
@@ -51,15 +51,23 @@ class Timeline:
 
     Attributes:
         schedule: The schedule played.
+
         events: Every op with its rank, start and end, in each rank's order.
+
         makespan: Time from the first start to the last end.
+
         busy: Per rank, the time spent computing.
+
         idle: Per rank, makespan − busy (the bubble).
+
         peak_activations: Per rank, the most micro-batch-stage activations alive at once
             (from the start of an F to the end of its B).
+
         param_copies: Stage parameter sets per rank, relative to 1F1B (1 or 2): the
             schedule's constant, not a measurement.
+
         costs: The costs used (F, B, W, FB, comm, p2p).
+
         peak_deferred_w: Per rank, the most W's waiting at once (split B's whose W has
             not run): each keeps its Linears' inputs and output gradients alive.
     """
@@ -93,7 +101,8 @@ def _check_cost(name: str, value: float) -> float:
     return float(value)
 
 
-def _durations(F: float, B: float, W: float, FB: Optional[float], comm: float):
+def _durations(F: float, B: float, W: float, FB: Optional[float], comm: float
+               ) -> tuple[Callable[[Op], float], float]:
     if W > B:
         raise ValueError(f"W={W} is invalid: the weight part of a backward must be <= B={B}")
     pair = max(F + B, 2 * comm) if FB is None else FB
@@ -117,6 +126,7 @@ def simulate(schedule: Schedule | str, F: float = 1.0, B: float = 2.0, W: float 
     Args:
         schedule: A :class:`Schedule`, or a schedule name together with ``n_ranks`` and
             ``n_microbatches``.
+
         F, B, W, FB, comm, p2p: Costs (see the module docstring); all >= 0, W <= B.
 
     Returns:
@@ -163,8 +173,9 @@ def simulate(schedule: Schedule | str, F: float = 1.0, B: float = 2.0, W: float 
         for r in range(n):
             while nxt[r] < len(schedule.orders[r]):
                 op = schedule.orders[r][nxt[r]]
-                times = [ready_time(p, r) for p in op.parts()]
-                if any(t is None for t in times):
+                ready = [ready_time(p, r) for p in op.parts()]
+                times = [t for t in ready if t is not None]
+                if len(times) < len(ready):  # an input is not produced yet
                     break
                 start = max([free[r], *times])
                 end = start + duration(op)

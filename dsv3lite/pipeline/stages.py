@@ -8,7 +8,7 @@ two stages on one rank share the embedding and the head, as [V3] §3.2.3 places 
 Zero-bubble schedules split a backward into B (input gradients, which the previous
 stage waits for) and W (weight gradients, which nobody waits for) ([ZB], Qi et al.
 2023). :func:`make_weight_grads_deferrable` routes every Linear through
-:class:`_LinearFunction`, whose backward returns the input gradient at once and, while
+``_LinearFunction``, whose backward returns the input gradient at once and, while
 :data:`WEIGHT_GRADS` is enabled, queues the weight-gradient GEMM as a closure; a ``W``
 op runs the oldest queued group (FIFO), as deepseek-ai/DualPipe's ``WeightGradStore``
 does. The other weights get their gradients during B: the norm gains, the router and
@@ -17,6 +17,8 @@ grouped GEMMs (deferring those too would need a grouped weight-gradient closure)
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +43,17 @@ class WeightGradStore:
     """
 
     def __init__(self) -> None:
-        self.enabled = False
-        self._open: list = []
-        self._groups: list[tuple[object, list]] = []
+        self.reset()
 
-    def put(self, fn) -> None:
+    def reset(self) -> None:
+        """Disable the store and drop every queued closure and group (a fresh store)."""
+        self.enabled = False
+        self._open: list[Callable[[], None]] = []
+        self._groups: list[tuple[object, list[Callable[[], None]]]] = []
+
+    def put(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn``, a closure that computes one weight gradient when called, in the
+        open group."""
         self._open.append(fn)
 
     def pending(self) -> int:
@@ -53,6 +61,8 @@ class WeightGradStore:
         return len(self._open)
 
     def flush(self, label: object = None) -> None:
+        """Close the open group (possibly empty) under ``label``, e.g. the micro-batch
+        and stage of the split backward that filled it; :meth:`pop` returns the label."""
         self._groups.append((label, self._open))
         self._open = []
 
@@ -71,6 +81,8 @@ class WeightGradStore:
         return len(self._groups)
 
 
+#: The process-wide store into which deferrable Linears put their weight-gradient
+#: closures while it is ``enabled`` (the executor enables it for split backwards).
 WEIGHT_GRADS = WeightGradStore()
 
 
@@ -78,12 +90,12 @@ class _LinearFunction(torch.autograd.Function):
     """y = x Wᵀ whose backward can defer dW = dyᵀ x to a later W op."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         x, weight = ctx.saved_tensors
 
         def weight_grad() -> None:
@@ -165,11 +177,22 @@ class PipelineStage(nn.Module):
     def carried_shapes(self, batch: int, seq_len: int) -> list[tuple[int, ...]]:
         """Shapes of the tensors this stage sends on (and receives gradients for)."""
         args = self.model_ref[0].args
-        shapes = [(batch, seq_len, args.dim)]
+        shapes: list[tuple[int, ...]] = [(batch, seq_len, args.dim)]
         return shapes + [(self.n_moe,), (self.n_moe, args.n_routed_experts)] if self.n_moe \
             else shapes
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run this stage's part of the model on one micro-batch.
+
+        Args:
+            inputs: The first stage: ``(tokens,)``, (B, T) token ids. The others: what
+                the previous stage returned, ``(h,)`` or ``(h, balance, counts)``.
+
+        Returns:
+            ``(h,)``, h (B, T, dim) the hidden state after this stage's blocks, or, when
+            the model has MoE layers, ``(h, balance, counts)`` with this stage's MoE
+            layers' rows filled in (see the class docstring).
+        """
         model = self.model_ref[0]
         if self.is_first:
             (tokens,) = inputs
@@ -187,6 +210,7 @@ class PipelineStage(nn.Module):
             if stats is not None:
                 routing.append(stats)
         if self.moe_slots:  # this stage's MoE layers fill their slots
+            assert counts is not None and balance is not None  # carried when n_moe > 0
             counts_rows = list(counts.unbind())
             balance_slots = list(balance.unbind())
             for (slot, _), stats in zip(self.moe_slots, routing):
@@ -196,7 +220,7 @@ class PipelineStage(nn.Module):
             counts = torch.stack(counts_rows).detach()  # counts never need a gradient
             if model.training:
                 balance = torch.stack(balance_slots)
-        return (h,) if balance is None else (h, balance, counts)
+        return (h,) if balance is None or counts is None else (h, balance, counts)
 
     def criterion(self, outputs: tuple[torch.Tensor, ...], tokens: torch.Tensor,
                   targets: torch.Tensor) -> ModelOutput:

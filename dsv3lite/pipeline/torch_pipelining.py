@@ -35,17 +35,24 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.distributed as dist
 
+from ..config import ModelArgs
 from .check import check_args, make_microbatches, make_model
 from .processes import run_ranks
 from .stages import PipelineStage
 from .schedules import build_schedule
 
+if TYPE_CHECKING:  # the type torch's schedules take their stages as
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
 __all__ = ["TORCH_SCHEDULES", "TorchPipeliningResult", "torch_pipelining_step"]
 
+#: The schedule names :func:`torch_pipelining_step` can hand to
+#: ``torch.distributed.pipelining``: its 1F1B and its DualPipeV.
 TORCH_SCHEDULES = ("1f1b", "dualpipev")
 
 
@@ -62,12 +69,14 @@ class TorchPipeliningResult:
     grads: dict[str, torch.Tensor]
 
 
-def _stage_examples(args, seed: int, n_stages: int, tokens: torch.Tensor) -> list:
+def _stage_examples(args: ModelArgs, seed: int, n_stages: int, tokens: torch.Tensor
+                    ) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
     """(inputs, outputs) of every stage for ``tokens``, run on a scratch model, with the
     ``requires_grad`` each carried tensor has at run time (the first stage's all-zero
     balance vector has none)."""
     model = make_model(args, seed)
-    inputs, examples = (tokens,), []
+    inputs: tuple[torch.Tensor, ...] = (tokens,)
+    examples = []
     for s in range(n_stages):
         outputs = PipelineStage(model, s, n_stages)(*inputs)
         outputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in outputs)
@@ -94,13 +103,17 @@ def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
         examples = _stage_examples(args, seed, n_stages, microbatches[0][0])
         model = make_model(args, seed)
         ours = {s: PipelineStage(model, s, n_stages) for s in held}
-        stages = [TorchStage(ours[s], s, n_stages, torch.device("cpu"),
-                             input_args=examples[s][0], output_args=examples[s][1])
-                  for s in held]
+        stages: list[_PipelineStageBase] = [
+            TorchStage(ours[s], s, n_stages, torch.device("cpu"), input_args=examples[s][0],
+                       output_args=examples[s][1])
+            for s in held]
 
-        def loss_fn(outputs, packed: torch.Tensor) -> torch.Tensor:
-            return ours[n_stages - 1].criterion(outputs, packed[:, 0], packed[:, 1]).loss.total
+        def loss_fn(outputs: tuple[torch.Tensor, ...], packed: torch.Tensor) -> torch.Tensor:
+            loss = ours[n_stages - 1].criterion(outputs, packed[:, 0], packed[:, 1]).loss
+            assert loss is not None, "the last stage's criterion computes the loss"
+            return loss.total
 
+        schedule: Union[ScheduleDualPipeV, Schedule1F1B]
         if name == "dualpipev":
             schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn,
                                          scale_grads=scale_grads)
@@ -109,7 +122,8 @@ def _worker(rank: int, name: str, n_ranks: int, n_microbatches: int, seed: int,
                                     scale_grads=scale_grads)
         tokens = torch.cat([t for t, _ in microbatches])
         packed = torch.stack((tokens, torch.cat([y for _, y in microbatches])), dim=1)
-        has_last, losses = n_stages - 1 in held, []
+        has_last = n_stages - 1 in held
+        losses: list[torch.Tensor] = []
         schedule.step(*((tokens,) if 0 in held else ()),
                       target=packed if has_last else None,
                       losses=losses if has_last else None)
@@ -139,12 +153,17 @@ def torch_pipelining_step(name: str, n_ranks: int, n_microbatches: int, *, seed:
     Args:
         name: ``"1f1b"`` (``Schedule1F1B``, ``n_ranks`` stages) or ``"dualpipev"``
             (``ScheduleDualPipeV``, ``2 * n_ranks`` stages, two per rank).
+
         n_ranks: Processes (gloo, CPU), one per pipeline rank.
+
         n_microbatches: Micro-batches of :func:`make_microbatches` (batch 2, length 16);
             at least the number of stages, as both torch schedules require.
+
         seed: Seed of the model (:func:`make_model`) and of the micro-batches.
+
         timeout_s: Process-group timeout; the whole call fails after about this long
             plus start-up.
+
         scale_grads: Passed to torch's schedule. False is right for our summed loss;
             True divides the gradients by ``n_microbatches`` (for tests).
 
