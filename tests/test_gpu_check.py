@@ -187,6 +187,7 @@ def test_extras_executes_chapters_5_and_8_in_the_time_left(tmp_path):
     """On a GPU machine with jupyter the extras step runs the two chapters, shortened by
     their knobs, and takes whatever the budget has left; without jupyter, or in the
     smoke run, it is skipped and says why."""
+    pytest.importorskip("nbclient")  # jupyter, to execute the chapters (not in floor-test)
     ns = type("NS", (), {"smoke": False, "steps": [], "caps": {}})()
     extras = gpu_check.plan(ns, sys.executable, cuda=True)[-1]
     assert extras.name == "extras" and extras.skip_reason is None and extras.fill

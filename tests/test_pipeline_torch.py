@@ -9,7 +9,13 @@ import torch
 
 from dsv3lite.pipeline.check import (GRAD_COS_DIFF_MAX, check_args, make_microbatches,
                                      make_model, max_grad_cal_diff, reference_step)
-from dsv3lite.pipeline.torch_pipelining import torch_pipelining_step
+from dsv3lite.pipeline import torch_pipelining
+from dsv3lite.pipeline.torch_pipelining import TORCH_PIPELINING_FLOOR, torch_pipelining_step
+from dsv3lite.versions import parse_version
+
+needs_pipelining_floor = pytest.mark.skipif(
+    parse_version(torch.__version__) < TORCH_PIPELINING_FLOOR,
+    reason=f"torch {torch.__version__} is older than TORCH_PIPELINING_FLOOR")
 
 
 def _reference(name: str, n_ranks: int, n_microbatches: int):
@@ -23,6 +29,7 @@ def _losses_bitwise_equal(losses, ref) -> bool:
         torch.equal(got, want["total"]) for got, want in zip(losses, ref.losses))
 
 
+@needs_pipelining_floor
 @pytest.mark.parametrize("name, n_ranks, n_microbatches",
                          [("1f1b", 2, 4), ("dualpipev", 2, 4)])
 def test_torch_schedule_step_equals_one_process(name, n_ranks, n_microbatches):
@@ -38,6 +45,7 @@ def test_torch_schedule_step_equals_one_process(name, n_ranks, n_microbatches):
     assert all(float(g.abs().sum()) > 0 for g in ref.grads.values() if g.dim() > 1)
 
 
+@needs_pipelining_floor
 def test_gradient_comparison_fails_on_wrong_gradients_that_leave_losses_equal():
     """torch's default scale_grads=True divides every gradient by the number of
     micro-batches: the losses stay bitwise equal, so only the gradients can catch it."""
@@ -58,3 +66,9 @@ def test_gradient_comparison_fails_on_wrong_gradients_that_leave_losses_equal():
 def test_bad_arguments_raise_before_spawning(name, n_ranks, n_microbatches, arg):
     with pytest.raises(ValueError, match=f"^{arg}="):
         torch_pipelining_step(name, n_ranks, n_microbatches)
+
+
+def test_an_older_torch_is_refused_with_the_version_it_needs(monkeypatch):
+    monkeypatch.setattr(torch_pipelining.torch, "__version__", "2.10.0+cu128")
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2\.12 \(torch 2\.10\.0\+cu128 is"):
+        torch_pipelining_step("1f1b", 2, 4)

@@ -60,5 +60,5 @@ def test_import_fails_at_once_on_an_old_torch(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: dsv3lite needs torch>=2.9, but torch 2.8.0")
+    assert last.startswith("ImportError: dsv3lite needs torch>=2.10, but torch 2.8.0")
     assert torch.__version__ != "2.8.0"

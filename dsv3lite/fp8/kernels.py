@@ -56,6 +56,33 @@ __all__ = ["INTERPRET", "act_quant_triton", "act_quant_both_triton", "weight_qua
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 """Whether Triton runs its interpreter (read once, when Triton builds the kernels)."""
+
+
+def _squeeze_interpreted_scalars() -> None:
+    """Let triton < 3.7's interpreter run these kernels with numpy >= 2.4.
+
+    The interpreter turns a loop bound such as ``tl.cdiv(K, BLOCK_K)`` into a Python int
+    with ``int()`` of a one-element array, which numpy 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"); triton 3.7 squeezes the array first.
+    This does the same for the interpreter of triton 3.6 (torch 2.10's). Compiled
+    kernels are untouched: this runs only under ``TRITON_INTERPRET=1``.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "squeezes_scalars", False):
+        return
+
+    def patched(tensor, scope):  # wraps triton's private hook
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes_scalars = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    _squeeze_interpreted_scalars()
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 

@@ -4,6 +4,9 @@ Both pipeline runners (:mod:`dsv3lite.pipeline.executor` and
 :mod:`dsv3lite.pipeline.torch_pipelining`) start their ranks here. A rank that fails writes
 its traceback to a file; the first failure, or a hang past the timeout, stops every
 process and raises an error that names the rank, the op it was running and its error.
+A rank's standard output goes to standard error, so that what the ranks or their
+libraries print (torch 2.10's gloo announces each connection there) never mixes into the
+caller's own output, such as ``python -m dsv3lite.pipeline check --json``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def run_ranks(target: Callable[..., object], world: int, workdir: str, timeout_s
             still running (a peer's timeout is often the symptom, not the cause).
     """
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, *args), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(target, r, *args), daemon=True)
+             for r in range(world)]
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -54,6 +58,12 @@ def run_ranks(target: Callable[..., object], world: int, workdir: str, timeout_s
         for p in procs:
             p.join(timeout=10)
     return time.perf_counter() - start
+
+
+def _rank_main(target: Callable[..., object], rank: int, *args: object) -> None:
+    """One rank: its standard output joins standard error, then ``target(rank, *args)``."""
+    os.dup2(2, 1)
+    target(rank, *args)
 
 
 def _failure_message(procs: Sequence[BaseProcess], workdir: str, failed: Optional[int],

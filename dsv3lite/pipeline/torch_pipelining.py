@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelArgs
+from ..versions import parse_version
 from .check import check_args, make_microbatches, make_model
 from .processes import run_ranks
 from .stages import PipelineStage
@@ -49,11 +50,19 @@ from .schedules import build_schedule
 if TYPE_CHECKING:  # the type torch's schedules take their stages as
     from torch.distributed.pipelining.stage import _PipelineStageBase
 
-__all__ = ["TORCH_SCHEDULES", "TorchPipeliningResult", "torch_pipelining_step"]
+__all__ = ["TORCH_SCHEDULES", "TORCH_PIPELINING_FLOOR", "TorchPipeliningResult",
+           "torch_pipelining_step"]
 
 #: The schedule names :func:`torch_pipelining_step` can hand to
 #: ``torch.distributed.pipelining``: its 1F1B and its DualPipeV.
 TORCH_SCHEDULES = ("1f1b", "dualpipev")
+
+#: The oldest torch whose pipelining runs our stages: before it, a stage must send back a
+#: gradient for every tensor it received, and the expert counts our stages pass on beside
+#: the hidden state have none ("has gradients None and is expecting to send gradients",
+#: seen with torch 2.10; pytorch/pytorch#152827, fixed by #182182 in May 2026). The rest
+#: of the package works from ``versions.TORCH_FLOOR`` on.
+TORCH_PIPELINING_FLOOR = (2, 12)
 
 
 @dataclass
@@ -172,12 +181,19 @@ def torch_pipelining_step(name: str, n_ranks: int, n_microbatches: int, *, seed:
         ``reference_step(make_model(check_args(n_stages, 0), seed), microbatches)``.
 
     Raises:
-        ValueError: on a bad argument, naming it. RuntimeError: when a rank fails or
-            the step does not finish in time, naming the rank and its error.
+        ValueError: on a bad argument, naming it. RuntimeError: on a torch older than
+            :data:`TORCH_PIPELINING_FLOOR`; when a rank fails or the step does not finish
+            in time, naming the rank and its error.
     """
     if name not in TORCH_SCHEDULES:
         raise ValueError(f"name={name!r} is invalid: choose one of {', '.join(TORCH_SCHEDULES)}")
     build_schedule(name, n_ranks, n_microbatches)  # the same limits as torch's: raises
+    if parse_version(str(torch.__version__)) < TORCH_PIPELINING_FLOOR:
+        raise RuntimeError(
+            f"torch_pipelining_step needs torch >= {'.'.join(map(str, TORCH_PIPELINING_FLOOR))}"
+            f" (torch {torch.__version__} is installed): older torch.distributed.pipelining "
+            "wants a gradient for every tensor a stage receives, and the expert counts our "
+            "stages pass on have none. Our own executor (run_pipeline) has no such limit.")
     with tempfile.TemporaryDirectory(prefix="dsv3lite-torchpp-") as workdir:
         run_ranks(_worker, n_ranks, workdir, timeout_s,
                   (name, n_ranks, n_microbatches, seed, workdir, timeout_s, scale_grads),
