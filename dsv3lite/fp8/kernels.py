@@ -67,7 +67,7 @@ def _squeeze_interpreted_scalars() -> None:
     This does the same for the interpreter of triton 3.6 (torch 2.10's). Compiled
     kernels are untouched: this runs only under ``TRITON_INTERPRET=1``.
     """
-    from triton.runtime import interpreter
+    from triton.runtime import interpreter  # optional dependency: only when interpreting
 
     original = interpreter._patch_lang_tensor
     if getattr(original, "squeezes_scalars", False):
