@@ -15,10 +15,7 @@ is also that child's script).
 """
 
 import contextlib
-import os
 import pathlib
-import subprocess
-import sys
 import warnings
 from typing import Optional
 
@@ -27,6 +24,7 @@ import torch
 
 from dsv3lite import ModelArgs, Transformer
 from dsv3lite.fp8 import grouped, ops
+from interpret import run_interpreted
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -241,11 +239,7 @@ def _interpreted_child() -> None:
 @pytest.mark.slow
 def test_fp8_custom_ops_on_the_interpreted_kernels_compile_as_one_graph():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=900)
-    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
+    child = run_interpreted(__file__, threads=1, timeout=900)
     assert "opcheck: 7" in child.stdout
 
 

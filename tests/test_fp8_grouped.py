@@ -19,9 +19,7 @@ within :func:`~dsv3lite.fp8.accumulation.promoted_gemm_tolerance` (14-bit sums i
 each FP8 ``tl.dot``, [V3] §3.3.2), and no host synchronisation in the experts' layer.
 """
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from dsv3lite.fp8.grouped import (grouped_fp8_experts, grouped_fp8_gemm, grouped
 from dsv3lite.fp8.linear import fp8_linear
 from dsv3lite.fp8.reference import (act_quant_ref, dequantize_tiles, fp8_gemm_ref,
                                     weight_quant_ref)
+from interpret import interpreted_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8 = torch.float8_e4m3fn
@@ -335,14 +334,7 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     folder = tmp_path_factory.mktemp("triton_interpret_grouped")
     inputs = _make_inputs()
-    torch.save(inputs, folder / "inputs.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.run([sys.executable, __file__, str(folder / "inputs.pt"),
-                            str(folder / "outputs.pt")], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
-    return inputs, torch.load(folder / "outputs.pt")
+    return inputs, interpreted_outputs(__file__, inputs, folder, threads=1)
 
 
 def _exact_grouped_gemm(a_q, a_s, b_q, b_s, ends) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from dsv3lite.fp8 import FP8Linear, backends, fp8_backend, linear_class
 from dsv3lite.fp8.accumulation import promoted_gemm_tolerance
 from dsv3lite.fp8.reference import act_quant_ref, dequantize_tiles, fp8_gemm_ref, weight_quant_ref
+from interpret import interpreted_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 # (M, N, K, b tiles): TMA-aligned shapes with partial tiles in M, N and K, a single row,
@@ -82,14 +83,7 @@ def interpreted(tmp_path_factory):
     for case in CASES:
         a_q, a_s, b_q, b_s = _operands(*case)
         inputs[case] = (a_q.view(torch.uint8), a_s, b_q.view(torch.uint8), b_s)
-    torch.save(inputs, folder / "inputs.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.run([sys.executable, __file__, str(folder / "inputs.pt"),
-                            str(folder / "outputs.pt")], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
-    return torch.load(folder / "outputs.pt")
+    return interpreted_outputs(__file__, inputs, folder)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))

@@ -26,8 +26,6 @@ tensor cores keep only about 14 bits ([V3] §3.3.2), so FP32-output results are 
 of that accumulator sets (tests/test_fp8_accumulation.py).
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from dsv3lite.fp8.accumulation import promoted_gemm_tolerance
 from dsv3lite.fp8.e4m3 import rounding_edge_cases
 from dsv3lite.fp8.reference import (act_quant_ref, dequantize_tiles, fp8_gemm_ref,
                                     weight_dequant_ref, weight_quant_ref)
+from interpret import interpreted_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT_CASES = [(kind, fmt) for kind in ("1x128", "128x1", "128x128") for fmt in (None, "ue8m0")]
@@ -138,14 +137,7 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     folder = tmp_path_factory.mktemp("triton_interpret")
     inputs = _make_inputs()
-    torch.save(inputs, folder / "inputs.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.run([sys.executable, __file__, str(folder / "inputs.pt"),
-                            str(folder / "outputs.pt")], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
-    return inputs, torch.load(folder / "outputs.pt")
+    return inputs, interpreted_outputs(__file__, inputs, folder)
 
 
 @pytest.mark.parametrize("kind,fmt", QUANT_CASES)
