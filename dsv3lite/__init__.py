@@ -26,6 +26,7 @@ from .moe import BiasBalancer, MoE, RoutingStats, max_violation, sequence_balanc
 from .checkpoint import load_model, save_checkpoint
 from .plot import plot_run
 
+#: The package version (``python -m dsv3lite --version`` prints it).
 __version__ = "0.2.0"
 
 __all__ = ["ModelArgs", "Transformer", "ModelOutput", "LossBreakdown", "MLA", "LatentKVCache",

@@ -8,13 +8,16 @@ comment (autodoc leaves out data without one); that is checked here too.
 
 Docstrings may name a public object the way an importer writes it: ``dsv3lite.Transformer``
 (a package's re-export) or, inside a module, a bare name the module imports. Such a
-reference is resolved to where the object is documented; one that resolves nowhere stays
-a warning. Broken cross-references fail through ``nitpicky`` in
+reference is resolved to where the object is documented. In a package's summary table,
+which shows each name's first docstring line outside its module, a short name links where
+it names exactly one documented object. A reference that resolves nowhere stays a warning. Broken cross-references fail through ``nitpicky`` in
 _config.yml; names from other projects (torch, numpy, ...) are not links, since the book
 is built without fetching their inventories, and ``nitpick_ignore_regex`` says so there.
 """
 
 from __future__ import annotations
+
+import re
 
 from sphinx.util import logging
 
@@ -39,7 +42,7 @@ def _check_module_data(app, what, name, obj, options, lines) -> None:
     from sphinx.pycode import ModuleAnalyzer
 
     documented = {attr for _, attr in ModuleAnalyzer.for_module(name).find_attr_docs()}
-    for export in sorted(set(obj.__all__) & _assigned(name) - documented - {"__version__"}):
+    for export in sorted(set(obj.__all__) & _assigned(name) - documented):
         logger.warning("public constant %s.%s has no '#:' comment (the API reference needs "
                        "one)", name, export, type="api_reference", subtype="missing_docstring")
 
@@ -104,10 +107,47 @@ def _resolve_reexport(app, env, node, contnode):
                                             contnode)
             if found:
                 return found[0][1]
+    if not node.get("py:module") and not target.startswith("dsv3lite"):
+        # a docstring's first line in a package's summary table, read outside its module:
+        # a short name such as ``Transformer.forward`` links where it names one object only
+        found = env.get_domain("py").resolve_any_xref(env, node["refdoc"], app.builder,
+                                                      target, node, contnode)
+        same_kind = [ref for role, ref in found
+                     if node["reftype"] in ("obj", role.split(":", 1)[1])]
+        if len(same_kind) == 1:
+            return same_kind[0]
     return None
 
 
+# A summary cut right after a citation's abbreviation: "... ([LF] Eq." from "([LF] Eq. 4)."
+_CUT_AT_ABBREVIATION = re.compile(r"\b(Eqs?|Figs?|Algs?|Tabs?|Sec|cf|e\.g|i\.e)\.$")
+
+
+def _summary_past_abbreviations(extract):
+    """Sphinx's autosummary takes a docstring's first sentence as its summary and ends a
+    sentence at any period and space, so "routed experts (Eq. 12 without the residual)"
+    became "routed experts (Eq.". Where that happens, the whole first paragraph is used."""
+    def summary(doc, document):
+        text = extract(doc, document)
+        if _CUT_AT_ABBREVIATION.search(text):
+            paragraph = []
+            for line in doc:
+                if not line.strip():
+                    if paragraph:
+                        break
+                    continue
+                paragraph.append(line.strip())
+            text = " ".join(paragraph)
+        return text
+    summary.wrapped = extract
+    return summary
+
+
 def setup(app):
+    from sphinx.ext import autosummary
+
+    if not hasattr(autosummary.extract_summary, "wrapped"):
+        autosummary.extract_summary = _summary_past_abbreviations(autosummary.extract_summary)
     app.connect("autodoc-process-docstring", _check_docstring)
     app.connect("autodoc-process-docstring", _check_module_data)
     app.connect("missing-reference", _resolve_reexport)

@@ -71,18 +71,20 @@ def page_text(name: str) -> str:
     ``__all__`` that it defines (autodoc), then the names it re-exports, each linked to
     the page of the module that defines it."""
     module = importlib.import_module(name)
-    own, rows = [], []
+    own, homes = [], []
     for export in module.__all__:
         home = _home(name, export, getattr(module, export))
         if home is None or home.rsplit(".", 1)[0] == name:
             own.append(export)
         else:
-            rows.append(f"- {{py:obj}}`{export} <{home}>`")
+            homes.append(home)
     members = "".join(f"   :members: {', '.join(own)}\n" if own else "")
     text = (f"# `{name}`\n\n```{{eval-rst}}\n.. automodule:: {name}\n{members}"
             + ("   :undoc-members:\n   :show-inheritance:\n" if own else "") + "```\n")
-    if rows:
-        text += f"\n## Also exported by `{name}`\n\n" + "\n".join(rows) + "\n"
+    if homes:  # a table of the re-exports, each linked to its entry, with its summary
+        heading = (f"Also exported by `{name}`" if own else f"What `{name}` exports")
+        text += (f"\n## {heading}\n\n```{{eval-rst}}\n.. py:currentmodule:: None\n\n.. autosummary::\n   :nosignatures:\n\n"
+                 + "".join(f"   ~{home}\n" for home in homes) + "```\n")
     return text
 
 
