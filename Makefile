@@ -59,16 +59,27 @@ test: install data
 # `make gpu-check SMOKE=1` runs the same steps on the CPU (tiny shapes, Triton
 # interpreter); `make test` runs that smoke through tests/test_gpu_check.py.
 # GPU_CHECK_ARGS passes more options, e.g. GPU_CHECK_ARGS="--steps K1,M1 --budget 300".
-# A GPU machine often has torch and triton installed and no package index: when
-# $(PYTHON) already imports torch and triton, gpu-check uses it as it is (the package
-# from this checkout, through PYTHONPATH) and never creates a venv or runs pip; without
+# gpu-check never creates a venv and never runs pip: a GPU machine often has torch and
+# triton preinstalled and no package index. Which python it runs:
+#   - PYTHON=... named on the command line, as it is;
+#   - else the pinned venv, where `make install` (or `make test`) made one;
+#   - else $(PYTHON) (python3), as it is, when it imports torch and triton;
+#   - else none: it stops and says to run `make install` or to name a python.
+# A python used as it is gets the package from this checkout through PYTHONPATH; without
 # pytest there, only the GPU-tests step is skipped, and says so.
-GPU_PY_READY := $(shell $(PYTHON) -c "import torch, triton" >/dev/null 2>&1 && echo yes)
-GPU_PY := $(if $(GPU_PY_READY),PYTHONPATH=$(CURDIR) $(PYTHON),$(PY))
+ifeq ($(origin PYTHON),command line)
+GPU_PY_CANDIDATE := PYTHONPATH=$(CURDIR) $(PYTHON)
+else ifneq ($(wildcard $(STAMP)),)
+GPU_PY_CANDIDATE := $(PY)
+else
+GPU_PY_CANDIDATE := PYTHONPATH=$(CURDIR) $(PYTHON)
+endif
 
-gpu-check: $(if $(GPU_PY_READY),,install)
-	@echo "gpu-check: using $(GPU_PY)"
-	$(GPU_PY) benchmarks/gpu_check.py $(if $(SMOKE),--smoke) $(if $(OUT),--out "$(OUT)") $(GPU_CHECK_ARGS)
+gpu-check:
+	@$(GPU_PY_CANDIDATE) -c "import torch, triton" >/dev/null 2>&1 || { \
+		echo "gpu-check: '$(GPU_PY_CANDIDATE)' cannot import torch and triton. Run \`make install\` first, or name a python that has them: make gpu-check PYTHON=/path/to/python3" >&2; exit 2; }
+	@echo "gpu-check: using $(GPU_PY_CANDIDATE)"
+	$(GPU_PY_CANDIDATE) benchmarks/gpu_check.py $(if $(SMOKE),--smoke) $(if $(OUT),--out "$(OUT)") $(GPU_CHECK_ARGS)
 
 # The floors pyproject.toml declares, tested: the unit tests (not the book) in a venv of
 # their own with the oldest torch and transformers the package says it supports, the

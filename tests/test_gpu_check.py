@@ -75,9 +75,8 @@ def test_smoke_runs_every_step_and_writes_its_json(tmp_path):
     assert "| M1 | ok |" in done.stdout  # the printed table
 
 
-def test_make_gpu_check_in_a_copy_without_venv_makes_none(tmp_path):
-    """`make gpu-check SMOKE=1 PYTHON=<a python with torch, triton, pytest>` in a checkout
-    with no .venv: no venv and no pip, and the JSON lands in $OUT."""
+def _copy_checkout(tmp_path: Path) -> Path:
+    """The files git would send to the GPU machine (tracked, untracked-not-ignored): no .venv."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
                             "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
     copy = tmp_path / "checkout"
@@ -87,6 +86,29 @@ def test_make_gpu_check_in_a_copy_without_venv_makes_none(tmp_path):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, copy / name)
     assert not (copy / ".venv").exists()
+    return copy
+
+
+def _python3_without(tmp_path: Path, module: str) -> Path:
+    """A folder holding a `python3` (this interpreter) that cannot import ``module``."""
+    blocker = tmp_path / f"block-{module}" / module
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(f"raise ImportError('no {module} here')\n")
+    folder = tmp_path / f"bin-without-{module}"
+    folder.mkdir()
+    python = folder / "python3"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={blocker.parent}${{PYTHONPATH:+:$PYTHONPATH}} "
+                      f"exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    assert subprocess.run([str(python), "-c", f"import {module}"],
+                          capture_output=True).returncode != 0
+    return folder
+
+
+def test_make_gpu_check_in_a_copy_without_venv_makes_none(tmp_path):
+    """`make gpu-check SMOKE=1 PYTHON=<a python with torch, triton, pytest>` in a checkout
+    with no .venv: no venv and no pip, and the JSON lands in $OUT."""
+    copy = _copy_checkout(tmp_path)
     out = tmp_path / "out"
     done = subprocess.run(["make", "gpu-check", "SMOKE=1", f"PYTHON={sys.executable}",
                            "GPU_CHECK_ARGS=--steps env,M1"], cwd=copy,
@@ -101,24 +123,38 @@ def test_make_gpu_check_in_a_copy_without_venv_makes_none(tmp_path):
     assert f"using PYTHONPATH={copy} {sys.executable}" in done.stdout  # the copy's package
 
 
-def test_a_python_with_torch_and_triton_but_no_pytest_is_used_as_it_is(tmp_path):
-    """The GPU machine's python3 is enough when it imports torch and triton: make plans
-    no venv and no pip (dry run), and only the GPU-tests step is skipped without pytest."""
-    blocker = tmp_path / "block" / "pytest"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('no pytest here')\n")
-    python = tmp_path / "python3"
-    python.write_text(f"#!/bin/sh\nPYTHONPATH={blocker.parent} exec {sys.executable} \"$@\"\n")
-    python.chmod(0o755)
-    assert subprocess.run([str(python), "-c", "import pytest"]).returncode != 0
-    plan = subprocess.run(["make", "-n", "gpu-check", f"PYTHON={python}"], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+def test_the_gpu_machines_python3_is_used_as_it_is(tmp_path):
+    """As on the GPU machine: no .venv, a plain `make gpu-check`, and the `python3` on PATH
+    has torch and triton but no pytest. That python3 runs the check: no venv, no pip, and
+    only the GPU-tests step is skipped for want of pytest."""
+    copy = _copy_checkout(tmp_path)
+    folder = _python3_without(tmp_path, "pytest")
+    env = _env(OUT=str(tmp_path / "out"), PATH=f"{folder}{os.pathsep}{os.environ['PATH']}")
+    plan = subprocess.run(["make", "-n", "gpu-check"], cwd=copy, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr[-2000:]
-    assert "venv" not in plan.stdout and "pip" not in plan.stdout, plan.stdout
-    assert f"PYTHONPATH={ROOT} {python} benchmarks/gpu_check.py" in plan.stdout
+    assert "-m venv" not in plan.stdout and "pip" not in plan.stdout, plan.stdout
+    done = subprocess.run(["make", "gpu-check", "SMOKE=1", "GPU_CHECK_ARGS=--steps env"],
+                          cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"using PYTHONPATH={copy} python3" in done.stdout
+    assert not (copy / ".venv").exists()
     ns = type("NS", (), {"smoke": False, "steps": [], "caps": {}})()
-    tests_step = gpu_check.plan(ns, str(python), cuda=True)[1]
+    tests_step = gpu_check.plan(ns, str(folder / "python3"), cuda=True)[1]
     assert tests_step.name == "gpu-tests" and "pytest is not importable" in tests_step.skip_reason
+
+
+def test_without_a_python_that_has_torch_it_stops_and_says_how(tmp_path):
+    """No .venv and a python3 without torch: gpu-check installs nothing, exits 2, and says
+    to run `make install` or to name a python."""
+    copy = _copy_checkout(tmp_path)
+    folder = _python3_without(tmp_path, "torch")
+    env = _env(PATH=f"{folder}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["make", "gpu-check", "SMOKE=1"], cwd=copy, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and not (copy / ".venv").exists()
+    assert "cannot import torch and triton" in done.stderr
+    assert "make gpu-check PYTHON=" in done.stderr and "benchmarks/gpu_check.py" not in done.stdout
 
 
 def test_without_cuda_the_device_steps_skip_and_it_succeeds(tmp_path):
